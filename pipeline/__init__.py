@@ -1,0 +1,1 @@
+"""sslpipe: a reproducible self-supervised learning pipeline (shard, mine, pretrain, evaluate, report)."""

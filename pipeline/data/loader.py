@@ -1,0 +1,143 @@
+"""Training stream over webdataset shards, split across DDP ranks and DataLoader workers.
+
+Every (rank, worker) slot reads its own share of the shards (re-dealt each epoch from a seeded
+permutation; a slot with no shard of its own resamples one), cycles through them as often as needed,
+and produces exactly its share of a fixed number of batches per epoch: every rank sees the same number
+of steps (DDP never hangs) whatever the shard sizes. Batches are formed inside the workers and the
+augmentation RNG is seeded per (seed, epoch, rank, batch), so a run resumed mid-epoch skips the
+batches it already trained on (without decoding them) and continues with identical data.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data.shards import group_samples, image_of, read_meta, shard_paths
+from pipeline.data.views import View, ViewSpec
+
+
+@dataclass
+class Batch:
+    views: list[torch.Tensor]       # one (B, C, H, W) tensor per view spec
+    geometry: list[torch.Tensor]    # one (B, 5) tensor per view: top, left, height, width, flipped
+    label: torch.Tensor             # for diagnostics only; methods must not read it
+    index: torch.Tensor             # dataset index of each image
+
+    def to(self, device, channels_last: bool = False) -> "Batch":
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return Batch([v.to(device, non_blocking=True, memory_format=fmt) for v in self.views],
+                     [g.to(device) for g in self.geometry], self.label.to(device), self.index.to(device))
+
+
+def _mix(*xs: int) -> int:
+    """A stable 63-bit seed from integers (Python's hash of ints is stable, but keep it explicit)."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (int(x) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+def batches_per_epoch(n_samples: int, batch_size: int) -> int:
+    n = n_samples // batch_size
+    if n == 0:
+        from pipeline.params import ParamError
+
+        raise ParamError(f"train.batch_size: {batch_size} is larger than the {n_samples} training images")
+    return n
+
+
+class ShardStream(IterableDataset):
+    """Yields whole `Batch`es of `local_batch` images; use with DataLoader(batch_size=None)."""
+
+    def __init__(self, shard_dir: str | Path, views: list[ViewSpec], mean, std, local_batch: int, n_samples: int,
+                 global_batch: int, seed: int, rank: int = 0, world_size: int = 1, subset: int = 0,
+                 shuffle_buffer: int = 2000, split: str = "train"):
+        self.paths = [str(p) for p in shard_paths(shard_dir, split)]
+        self.views = [View(v, mean, std) for v in views]
+        self.local_batch, self.seed, self.rank, self.world = local_batch, seed, rank, world_size
+        self.subset, self.shuffle_buffer = subset, shuffle_buffer
+        self.epoch, self.skip = 0, 0
+        self.per_shard = read_meta(shard_dir)["samples_per_shard"]
+        if subset:
+            # the train shards are in seeded random order, so their first `subset` samples are a random subset
+            self.paths = self.paths[: -(-subset // self.per_shard)]
+            n_samples = min(n_samples, subset)
+        self.shard_index = {p: k for k, p in enumerate(self.paths)}
+        self.n_samples = n_samples
+        self.steps = batches_per_epoch(n_samples, global_batch)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
+
+    def __len__(self) -> int:
+        return self.steps - self.skip
+
+    def _slot(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info else (0, 1)
+
+    def _my_shards(self, worker: int, n_workers: int) -> list[str]:
+        rng = random.Random(_mix(self.seed, self.epoch, 7))
+        order = self.paths[:]
+        rng.shuffle(order)
+        slots = self.world * n_workers
+        slot = self.rank * n_workers + worker
+        mine = order[slot::slots]
+        return mine or [order[_mix(self.seed, self.epoch, slot) % len(order)]]
+
+    def _read(self, path: str):
+        k = self.shard_index[path]
+        for j, s in enumerate(group_samples(Path(path))):
+            if self.subset and k * self.per_shard + j >= self.subset:
+                return
+            yield s
+
+    def _samples(self, shards: list[str], worker: int):
+        """Endless stream of raw samples from `shards`: each pass reshuffled, through a shuffle buffer."""
+        rng = random.Random(_mix(self.seed, self.epoch, self.rank, worker, 11))
+        buf: list[dict] = []
+        while True:
+            order = shards[:]
+            rng.shuffle(order)
+            for path in order:
+                for s in self._read(path):
+                    if len(buf) < self.shuffle_buffer:
+                        buf.append(s)
+                        continue
+                    i = rng.randrange(len(buf))
+                    yield buf[i]
+                    buf[i] = s
+
+    def __iter__(self):
+        worker, n_workers = self._slot()
+        mine = [b for b in range(self.steps) if b % n_workers == worker]
+        stream = self._samples(self._my_shards(worker, n_workers), worker)
+        for b in mine:
+            raw = [next(stream) for _ in range(self.local_batch)]
+            if b < self.skip:
+                continue
+            torch.manual_seed(_mix(self.seed, self.epoch, self.rank, b))
+            yield self._make_batch(raw)
+
+    def _make_batch(self, raw: list[dict]) -> Batch:
+        outs = [[] for _ in self.views]
+        geos = [[] for _ in self.views]
+        for s in raw:
+            img = image_of(s)
+            for k, view in enumerate(self.views):
+                x, g = view(img)
+                outs[k].append(x)
+                geos[k].append(g)
+        return Batch([torch.stack(o) for o in outs], [torch.stack(g) for g in geos],
+                     torch.tensor([int(s["cls"]) for s in raw]),
+                     torch.tensor([int(s["__key__"].rsplit("-", 1)[1]) for s in raw]))
+
+
+def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool) -> DataLoader:
+    """One batch per worker fetch. Workers are respawned per epoch (cheap: they hold no state)."""
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if num_workers else None, persistent_workers=False)

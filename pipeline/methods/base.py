@@ -1,0 +1,94 @@
+"""The method interface the trainer drives. A method file holds only what makes the method different.
+
+A method is an nn.Module owning its backbone, heads, momentum encoders and memory (queues, support
+sets) as registered buffers, so one state_dict checkpoints all of it. The trainer calls:
+  views()          -> the ViewSpecs the loader must produce for every image
+  forward(batch)   -> {"loss": total, <term>: value, ...} (runs inside DDP's forward)
+  after_step(p)    -> momentum / EMA updates, with p = training progress in [0, 1]
+  param_groups()   -> what the optimizer trains (momentum encoders excluded)
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from pipeline.data.views import ViewSpec
+from pipeline.models.heads import mlp
+from pipeline.params import Float, Int, Validator
+
+
+class Method(nn.Module):
+    NAME = "?"
+    PARAMS: dict[str, Validator] = {}
+    DEFAULTS: dict = {}
+
+    def __init__(self, backbone: nn.Module, cfg: dict, augment: dict, image_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = {**self.DEFAULTS, **cfg}
+        self.augment = augment
+        self.image_size = image_size
+
+    def views(self) -> list[ViewSpec]:
+        """Two augmented views of the whole image (SimCLR-style); methods with other views override."""
+        v = ViewSpec.from_augment(self.augment, self.image_size)
+        return [v, v]
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self, progress: float) -> None:
+        pass
+
+    def param_groups(self) -> list[dict]:
+        """Weights get weight decay; biases and norm parameters do not (LARS also skips adaptation)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 else decay).append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+    def heads_to_export(self) -> dict[str, nn.Module]:
+        """Heads saved with the encoder artifact (e.g. a projector that mining may encode with)."""
+        return {}
+
+
+def projector_params() -> dict[str, Validator]:
+    return {"proj_hidden": Int(1), "proj_dim": Int(1), "proj_layers": Int(1)}
+
+
+def build_projector(method: Method, last_bn: bool = False) -> nn.Module:
+    c = method.cfg
+    return mlp(method.backbone.feat_dim, c["proj_hidden"], c["proj_dim"], c.get("proj_layers", 2), last_bn=last_bn)
+
+
+def momentum_copy(module: nn.Module) -> nn.Module:
+    """A frozen copy for a momentum (EMA) encoder: trained only by `ema_update`."""
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, m: float) -> None:
+    """theta_t <- m * theta_t + (1 - m) * theta_o (MoCo eq. 2; BYOL's target update). Parameters only:
+    the target runs in train mode and keeps its own BatchNorm statistics, as in MoCo."""
+    t_params = [p for p in target.parameters()]
+    o_params = [p for p in online.parameters()]
+    torch._foreach_mul_(t_params, m)
+    torch._foreach_add_(t_params, o_params, alpha=1 - m)
+
+
+def cosine_momentum(base: float, progress: float) -> float:
+    """BYOL/DINO schedule: m = 1 - (1 - base) * (cos(pi * progress) + 1) / 2, from base to 1."""
+    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+def temperature_param() -> Validator:
+    return Float(0, open_min=True)

@@ -1,0 +1,86 @@
+"""MoCo-v2 (Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning"; MoCo: He et al. 2020).
+
+Query encoder (backbone + MLP head) trained by backprop; key encoder = its momentum copy,
+theta_k <- m theta_k + (1 - m) theta_q (MoCo eq. 2); InfoNCE against a FIFO queue of past keys
+(MoCo eq. 1, t = 0.2 in v2). The queue is filled with the keys gathered from every rank, in rank order,
+so it is identical on all ranks; it is a buffer, so checkpoints save and restore it.
+`symmetric: true` adds the loss with the views swapped (a common CIFAR setting; off = the paper).
+Shuffle-BN is not implemented: with SyncBN off and one process the key BN sees the whole batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.losses.contrastive import info_nce_queue
+from pipeline.methods.base import Method, build_projector, ema_update, momentum_copy, projector_params, temperature_param
+from pipeline.methods.registry import register
+from pipeline.params import Bool, Float, Int
+from pipeline.train import dist
+
+
+class KeyQueue(nn.Module):
+    """A FIFO of L2-normalised keys (K, D) with a write pointer, both buffers (saved in checkpoints)."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, local_keys: torch.Tensor) -> None:
+        """Enqueue the keys of the global batch (gathered here), overwriting the oldest ones."""
+        k = F.normalize(dist.gather_no_grad(local_keys.detach()), dim=1).to(self.keys.dtype)
+        n, size = k.shape[0], self.keys.shape[0]
+        if n > size:
+            k, n = k[-size:], size
+        idx = (self.ptr + torch.arange(n, device=k.device)) % size
+        self.keys[idx] = k
+        self.ptr.copy_((self.ptr + n) % size)
+
+
+@register("mocov2")
+class MoCoV2(Method):
+    PARAMS = {"temperature": temperature_param(), "queue_size": Int(1), "momentum": Float(0, 1),
+              "symmetric": Bool(), **projector_params()}
+    DEFAULTS = {"temperature": 0.2, "queue_size": 65536, "momentum": 0.999, "symmetric": False,
+                "proj_hidden": 2048, "proj_dim": 128, "proj_layers": 2}
+
+    def __init__(self, backbone, cfg, augment, image_size):
+        super().__init__(backbone, cfg, augment, image_size)
+        self.projector = build_projector(self)
+        self.key_backbone = momentum_copy(self.backbone)
+        self.key_projector = momentum_copy(self.projector)
+        self.queue = KeyQueue(self.cfg["queue_size"], self.cfg["proj_dim"])
+
+    def query(self, x):
+        return self.projector(self.backbone(x))
+
+    @torch.no_grad()
+    def key(self, x):
+        return self.key_projector(self.key_backbone(x))
+
+    def forward(self, batch):
+        x1, x2 = batch.views[:2]
+        t = self.cfg["temperature"]
+        q1, k2 = self.query(x1), self.key(x2)
+        loss = info_nce_queue(q1, k2, self.queue.keys, t)
+        keys = [k2]
+        if self.cfg["symmetric"]:
+            q2, k1 = self.query(x2), self.key(x1)
+            loss = (loss + info_nce_queue(q2, k1, self.queue.keys, t)) / 2
+            keys.append(k1)
+        self._pending_keys = keys  # enqueued after backward: the loss's graph holds the current queue
+        return {"loss": loss, "info_nce": loss}
+
+    @torch.no_grad()
+    def after_step(self, progress):
+        for k in getattr(self, "_pending_keys", []):
+            self.queue.push(k)
+        self._pending_keys = []
+        ema_update(self.key_backbone, self.backbone, self.cfg["momentum"])
+        ema_update(self.key_projector, self.projector, self.cfg["momentum"])
+
+    def heads_to_export(self):
+        return {"projector": self.projector}

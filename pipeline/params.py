@@ -1,0 +1,232 @@
+"""The params schema: load `params.yaml`, validate every key before any compute, fail in one line.
+
+Each section has a schema of small validators; a method's own block is validated against the
+`PARAMS` schema declared in that method's file (through the method registry), so adding a method
+never touches this file. Unknown keys are errors: a typo must not silently fall back to a default.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+
+class PipelineError(Exception):
+    """An error the user can fix; stages print its one-line message and exit non-zero."""
+
+
+class ParamError(PipelineError, ValueError):
+    """A bad parameter; the message names the file and the key."""
+
+
+class DataError(PipelineError):
+    """Bad input data; the message names the file or shard."""
+
+
+# --- validators: each returns the (possibly normalised) value or raises ParamError(msg) ------------
+
+Validator = Callable[[Any, str], Any]
+
+
+def _fail(key: str, want: str, got: Any) -> None:
+    raise ParamError(f"{key}: expected {want}, got {got!r}")
+
+
+def Int(min: int | None = None, max: int | None = None) -> Validator:
+    def check(v, key):
+        if isinstance(v, bool) or not isinstance(v, int) or (min is not None and v < min) or (max is not None and v > max):
+            _fail(key, f"an integer{f' >= {min}' if min is not None else ''}{f' <= {max}' if max is not None else ''}", v)
+        return v
+    return check
+
+
+def Float(min: float | None = None, max: float | None = None, open_min: bool = False) -> Validator:
+    def check(v, key):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            _fail(key, "a number", v)
+        v = float(v)
+        bad_min = min is not None and (v <= min if open_min else v < min)
+        if bad_min or (max is not None and v > max):
+            lo = f"{'>' if open_min else '>='} {min}" if min is not None else ""
+            hi = f"<= {max}" if max is not None else ""
+            _fail(key, f"a number {lo}{' and ' if lo and hi else ''}{hi}", v)
+        return v
+    return check
+
+
+def Str(choices: tuple[str, ...] | None = None) -> Validator:
+    def check(v, key):
+        if not isinstance(v, str) or (choices is not None and v not in choices):
+            _fail(key, f"one of {list(choices)}" if choices else "a string", v)
+        return v
+    return check
+
+
+def Bool() -> Validator:
+    def check(v, key):
+        if not isinstance(v, bool):
+            _fail(key, "true or false", v)
+        return v
+    return check
+
+
+def List(item: Validator, length: int | None = None, min_len: int = 0) -> Validator:
+    def check(v, key):
+        if not isinstance(v, list) or (length is not None and len(v) != length) or len(v) < min_len:
+            _fail(key, f"a list{f' of {length} items' if length else ''}{f' of at least {min_len} items' if min_len else ''}", v)
+        return [item(x, f"{key}[{i}]") for i, x in enumerate(v)]
+    return check
+
+
+def Range01() -> Validator:
+    """A [lo, hi] pair with 0 < lo <= hi <= 1 (crop scales)."""
+    inner = List(Float(0.0, 1.0, open_min=True), length=2)
+
+    def check(v, key):
+        v = inner(v, key)
+        if v[0] > v[1]:
+            _fail(key, "[lo, hi] with lo <= hi", v)
+        return v
+    return check
+
+
+def Section(schema: dict[str, Validator], optional: tuple[str, ...] = ()) -> Validator:
+    """A mapping with exactly these keys (those in `optional` may be absent)."""
+    def check(v, key):
+        if v is None:
+            v = {}
+        if not isinstance(v, dict):
+            _fail(key, "a mapping", v)
+        for k in v:
+            if k not in schema:
+                raise ParamError(f"{_join(key, k)}: unknown key (known: {', '.join(sorted(schema))})")
+        out = {}
+        for k, val in schema.items():
+            if k not in v:
+                if k in optional:
+                    continue
+                raise ParamError(f"{_join(key, k)}: missing")
+            out[k] = val(v[k], _join(key, k))
+        return out
+    return check
+
+
+def MapOf(value: Validator) -> Validator:
+    def check(v, key):
+        if not isinstance(v, dict) or not v:
+            _fail(key, "a non-empty mapping", v)
+        return {k: value(x, _join(key, str(k))) for k, x in v.items()}
+    return check
+
+
+def _join(key: str, k: str) -> str:
+    return f"{key}.{k}" if key else k
+
+
+# --- the schema ------------------------------------------------------------------------------------
+
+SOURCES = ("cifar10", "cifar100", "stl10", "imagefolder")
+ARCHS = ("resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
+
+DATASET = Section({
+    "name": Str(), "source": Str(SOURCES), "root": Str(), "image_size": Int(8),
+    "mean": List(Float(0, 1), 3), "std": List(Float(0, 1, open_min=True), 3),
+})
+SHARD = Section({"samples_per_shard": Int(1), "skip_corrupt": Bool()})
+BACKBONE = Section(
+    {"arch": Str(ARCHS), "width": Int(1), "cifar_stem": Bool(), "patch_size": Int(1)},
+    optional=("width", "cifar_stem", "patch_size"),
+)
+AUGMENT = Section({
+    "crop_scale": Range01(), "hflip": Float(0, 1), "color_jitter": List(Float(0), 4), "color_jitter_p": Float(0, 1),
+    "grayscale_p": Float(0, 1), "blur_p": Float(0, 1), "solarize_p": Float(0, 1),
+})
+TRAIN_KEYS: dict[str, Validator] = {
+    "epochs": Int(0), "train_subset": Int(0), "batch_size": Int(1), "num_workers": Int(0),
+    "optimizer": Str(("sgd", "lars", "adam", "adamw")), "lr": Float(0), "momentum": Float(0, 1),
+    "weight_decay": Float(0), "warmup_epochs": Float(0), "min_lr_ratio": Float(0, 1),
+    "checkpoint_every": Int(1), "amp": Str(("bf16", "fp16", "off")), "channels_last": Bool(),
+    "sync_bn": Bool(), "grad_clip": Float(0), "shuffle_buffer": Int(1),
+}
+TRAIN = Section(TRAIN_KEYS)
+RUN = Section({"method": Str(), "backbone": Str()})
+EVALUATE = Section({
+    "batch_size": Int(1), "knn_k": List(Int(1), min_len=1), "knn_temperature": Float(0, open_min=True),
+    "linear_C": List(Float(0, open_min=True), min_len=1), "linear_val_fraction": Float(0, 0.9, open_min=True),
+    "linear_max_iter": Int(1), "semi_fractions": List(Float(0, 1, open_min=True)), "semi_seeds": List(Int(0), min_len=1),
+    "semi_learner": Str(("label_spreading", "self_training")), "semi_unlabelled_max": Int(0), "train_subset": Int(0),
+})
+REPORT = Section({"title": Str()})
+
+TOP = {
+    "seed": Int(0), "dataset": DATASET, "shard": SHARD, "backbones": MapOf(BACKBONE), "runs": MapOf(RUN),
+    "augment": AUGMENT, "train": TRAIN, "methods": MapOf(lambda v, k: v), "evaluate": EVALUATE, "report": REPORT,
+}
+
+
+def validate(raw: dict) -> dict:
+    """Validate a whole params mapping; return a normalised copy. Raises ParamError naming the key."""
+    if not isinstance(raw, dict):
+        raise ParamError("params: expected a mapping at the top level")
+    p = Section(TOP)(copy.deepcopy(raw), "")
+    from pipeline.methods import registry  # late: the registry imports torch
+
+    for name, block in p["methods"].items():
+        cls = registry.get(name, key=f"methods.{name}")
+        block = dict(block or {})
+        train_over = block.pop("train", None)
+        checked = Section(cls.PARAMS, optional=tuple(cls.PARAMS))(block, f"methods.{name}")
+        if train_over is not None:
+            checked["train"] = Section(TRAIN_KEYS, optional=tuple(TRAIN_KEYS))(train_over, f"methods.{name}.train")
+        p["methods"][name] = checked
+    for run, spec in p["runs"].items():
+        if spec["method"] not in p["methods"]:
+            raise ParamError(f"runs.{run}.method: {spec['method']!r} has no block under methods (have: {', '.join(p['methods'])})")
+        if spec["backbone"] not in p["backbones"]:
+            raise ParamError(f"runs.{run}.backbone: {spec['backbone']!r} is not defined under backbones (have: {', '.join(p['backbones'])})")
+    for name, bb in p["backbones"].items():
+        if bb["arch"].startswith("vit") and "patch_size" not in bb:
+            raise ParamError(f"backbones.{name}.patch_size: missing (required for {bb['arch']})")
+    if max(p["evaluate"]["knn_k"]) < 1:
+        raise ParamError("evaluate.knn_k: expected at least one k >= 1")
+    return p
+
+
+def load(path: str | Path = "params.yaml") -> dict:
+    """Read and validate a params file; errors name the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamError(f"{path}: not found (run from the project root, or render one: python -m pipeline.profile cpu)") from None
+    except yaml.YAMLError as e:
+        raise ParamError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        return validate(raw)
+    except ParamError as e:
+        raise ParamError(f"{path}: {e}") from None
+
+
+def method_config(p: dict, run: str) -> tuple[str, dict, dict, dict]:
+    """(method name, method block, merged train settings, backbone block) for one run."""
+    if run not in p["runs"]:
+        raise ParamError(f"runs.{run}: no such run (have: {', '.join(p['runs'])})")
+    spec = p["runs"][run]
+    block = dict(p["methods"][spec["method"]])
+    train = {**p["train"], **block.pop("train", {})}
+    return spec["method"], block, train, p["backbones"][spec["backbone"]]
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` onto `base`, recursively for mappings; a None in `over` deletes the key."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
