@@ -134,7 +134,7 @@ DATASET = Section({
     "name": Str(), "source": Str(SOURCES), "root": Str(), "image_size": Int(8),
     "mean": List(Float(0, 1), 3), "std": List(Float(0, 1, open_min=True), 3),
 })
-SHARD = Section({"samples_per_shard": Int(1), "skip_corrupt": Bool()})
+SHARD = Section({"samples_per_shard": Int(1), "skip_corrupt": Bool(), "max_images": Int(0)}, optional=("max_images",))
 BACKBONE = Section(
     {"arch": Str(ARCHS), "width": Int(1), "cifar_stem": Bool(), "patch_size": Int(1)},
     optional=("width", "cifar_stem", "patch_size"),
@@ -148,9 +148,9 @@ TRAIN_KEYS: dict[str, Validator] = {
     "optimizer": Str(("sgd", "lars", "adam", "adamw")), "lr": Float(0), "momentum": Float(0, 1),
     "weight_decay": Float(0), "warmup_epochs": Float(0), "min_lr_ratio": Float(0, 1),
     "checkpoint_every": Int(1), "amp": Str(("bf16", "fp16", "off")), "channels_last": Bool(),
-    "sync_bn": Bool(), "grad_clip": Float(0), "shuffle_buffer": Int(1),
+    "sync_bn": Bool(), "grad_clip": Float(0), "shuffle_buffer": Int(1), "lr_scaling": Str(("linear", "none")),
 }
-TRAIN = Section(TRAIN_KEYS)
+TRAIN = Section(TRAIN_KEYS, optional=("lr_scaling",))
 RUN = Section({"method": Str(), "backbone": Str()})
 EVALUATE = Section({
     "batch_size": Int(1), "knn_k": List(Int(1), min_len=1), "knn_temperature": Float(0, open_min=True),
@@ -161,7 +161,7 @@ EVALUATE = Section({
 REPORT = Section({"title": Str()})
 
 TOP = {
-    "seed": Int(0), "dataset": DATASET, "shard": SHARD, "backbones": MapOf(BACKBONE), "runs": MapOf(RUN),
+    "seed": Int(0), "launcher": Str(), "dataset": DATASET, "shard": SHARD, "backbones": MapOf(BACKBONE), "runs": MapOf(RUN),
     "augment": AUGMENT, "train": TRAIN, "methods": MapOf(lambda v, k: v), "evaluate": EVALUATE, "report": REPORT,
 }
 

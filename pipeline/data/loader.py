@@ -120,8 +120,12 @@ class ShardStream(IterableDataset):
             raw = [next(stream) for _ in range(self.local_batch)]
             if b < self.skip:
                 continue
-            torch.manual_seed(_mix(self.seed, self.epoch, self.rank, b))
-            yield self._make_batch(raw)
+            # per-batch seed: a resumed run reproduces batch b without replaying the ones before it;
+            # fork_rng keeps the main process's RNG untouched when there are no workers
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_mix(self.seed, self.epoch, self.rank, b))
+                batch = self._make_batch(raw)
+            yield batch
 
     def _make_batch(self, raw: list[dict]) -> Batch:
         outs = [[] for _ in self.views]

@@ -28,8 +28,11 @@ def sample_key(split: str, index: int) -> str:
     return f"{split}-{index:08d}"
 
 
-def write_shards(source: Source, out: str | Path, samples_per_shard: int, seed: int, skip_corrupt: bool) -> dict:
-    """Write all splits of `source` into `out` atomically (a sibling temp dir renamed at the end)."""
+def write_shards(source: Source, out: str | Path, samples_per_shard: int, seed: int, skip_corrupt: bool,
+                 max_images: int = 0) -> dict:
+    """Write all splits of `source` into `out` atomically (a sibling temp dir renamed at the end).
+
+    `max_images` > 0 keeps a seeded random subset of that many images per split (quick profiles)."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -38,6 +41,8 @@ def write_shards(source: Source, out: str | Path, samples_per_shard: int, seed: 
     for split in SPLITS:
         recs = source.splits[split]
         order = np.random.default_rng(seed).permutation(len(recs)) if split == "train" else np.arange(len(recs))
+        if max_images and max_images < len(recs):  # test keeps source order, on a random subset
+            order = order[:max_images] if split == "train" else np.sort(np.random.default_rng(seed + 1).permutation(len(recs))[:max_images])
         (tmp / split).mkdir()
         writer, shard_name, position = None, None, 0
         checked = iter_checked([recs[i] for i in order], skip_corrupt, lambda r, msg: skipped.append(msg))
@@ -58,7 +63,8 @@ def write_shards(source: Source, out: str | Path, samples_per_shard: int, seed: 
     manifest = pd.DataFrame(rows, columns=["key", "index", "label", "split", "shard", "position"])
     manifest.to_parquet(tmp / "manifest.parquet", index=False)
     counts = {s: int((manifest.split == s).sum()) for s in SPLITS}
-    meta = {"classes": source.classes, "counts": counts, "samples_per_shard": samples_per_shard, "seed": seed}
+    meta = {"classes": source.classes, "counts": counts, "samples_per_shard": samples_per_shard, "seed": seed,
+            "max_images": max_images}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if out.exists():
         shutil.rmtree(out)

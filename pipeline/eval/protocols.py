@@ -1,0 +1,54 @@
+"""All evaluation protocols on cached features, driven by the `evaluate` params section.
+
+kNN (pipeline.eval.knn), linear probe (pipeline.eval.linear) and semi-supervised (pipeline.eval.semi),
+each timed. The semi-supervised logistic regression reuses the C the linear probe chose on its
+validation split, so no protocol ever selects a hyper-parameter on test.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from pipeline.eval.knn import knn_accuracy
+from pipeline.eval.linear import linear_probe
+from pipeline.eval.semi import semi_supervised
+
+
+def evaluate_features(train, test, cfg: dict, seed: int = 0, log=print) -> dict:
+    """Run every protocol. `train` / `test`: (feats, labels) or (feats, labels, keys); `cfg`: params["evaluate"].
+
+    Returns {"feat_dim", "n_train", "n_test", "knn": {"k": %}, "knn_temperature", "linear", "semi", "seconds"}
+    with string keys throughout (JSON-ready).
+    """
+    x_tr, y_tr = np.asarray(train[0], dtype=np.float32), np.asarray(train[1], dtype=np.int64)
+    x_te, y_te = np.asarray(test[0], dtype=np.float32), np.asarray(test[1], dtype=np.int64)
+    if cfg["train_subset"]:
+        # the train shards are in seeded random order, so the first N features are a uniform random subset
+        x_tr, y_tr = x_tr[: cfg["train_subset"]], y_tr[: cfg["train_subset"]]
+    seconds = {}
+
+    t = time.perf_counter()
+    knn = knn_accuracy(x_tr, y_tr, x_te, y_te, cfg["knn_k"], cfg["knn_temperature"])
+    seconds["knn"] = time.perf_counter() - t
+    log("knn: " + ", ".join(f"k={k} {acc:.2f}%" for k, acc in knn.items()) + f" ({seconds['knn']:.1f} s)")
+
+    t = time.perf_counter()
+    lin = linear_probe(x_tr, y_tr, x_te, y_te, cfg["linear_C"], cfg["linear_val_fraction"], cfg["linear_max_iter"], seed)
+    seconds["linear"] = time.perf_counter() - t
+    log(f"linear: {lin['top1']:.2f}% (C={lin['C']:g}) ({seconds['linear']:.1f} s)")
+
+    t = time.perf_counter()
+    semi = semi_supervised(x_tr, y_tr, x_te, y_te, cfg["semi_fractions"], cfg["semi_seeds"], cfg["semi_learner"],
+                           C=lin["C"], max_iter=cfg["linear_max_iter"], unlabelled_max=cfg["semi_unlabelled_max"])
+    seconds["semi"] = time.perf_counter() - t
+    for frac, res in semi.items():
+        log(f"semi {100 * float(frac):g}%: " + ", ".join(f"{name} {r['mean']:.2f}±{r['std']:.2f}%" for name, r in res.items()))
+    log(f"semi: {seconds['semi']:.1f} s")
+
+    return {
+        "feat_dim": int(x_tr.shape[1]), "n_train": int(len(x_tr)), "n_test": int(len(x_te)),
+        "knn": {str(k): acc for k, acc in knn.items()}, "knn_temperature": float(cfg["knn_temperature"]),
+        "linear": {**lin, "val_top1": {str(c): acc for c, acc in lin["val_top1"].items()}},
+        "semi": semi, "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }

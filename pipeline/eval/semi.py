@@ -1,0 +1,114 @@
+"""Semi-supervised evaluation with a fraction of the train labels (e.g. 1% and 10%).
+
+For each fraction and seed, a class-balanced labelled subset is drawn (the 1% / 10% low-shot setting of
+SimCLR / BYOL, here with an equal count per class so a rare class is never left out), then two learners
+are scored on test:
+  * logreg — the linear probe trained on the labelled features only (the papers' semi-supervised row);
+  * a scikit-learn semi-supervised learner that also sees unlabelled train features:
+    `label_spreading` (Zhou et al. 2004, kNN graph on L2-normalised features, i.e. cosine neighbours)
+    or `self_training` (Yarowsky 1995 style pseudo-labelling around the same logistic regression).
+Numbers are reported as mean, sample std and per-seed values, in percent.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.semi_supervised import LabelSpreading, SelfTrainingClassifier
+
+from pipeline.eval.knn import l2_normalize
+from pipeline.eval.linear import accuracy, fit_quietly, make_probe
+
+LEARNERS = ("label_spreading", "self_training")
+LABEL_SPREADING_NEIGHBOURS = 7   # scikit-learn's default graph degree
+
+
+def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a class-balanced labelled subset: floor(fraction * N / C) per class (at least 1).
+
+    The count is capped at the smallest class so every class gets exactly the same number.
+    """
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    per_class = max(1, int(np.floor(fraction * len(labels) / len(classes))))
+    per_class = min(per_class, int(counts.min()))
+    rng = np.random.default_rng(seed)
+    picks = [rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False) for c in classes]
+    return np.sort(np.concatenate(picks))
+
+
+def unlabelled_subset(n: int, labelled: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """Indices of train samples outside `labelled`, a seeded random `cap` of them (0 = all)."""
+    rest = np.setdiff1d(np.arange(n), labelled, assume_unique=True)
+    if cap and len(rest) > cap:
+        # its own stream ([seed, 1]) so the unlabelled draw does not shift with the labelled one
+        rest = np.sort(np.random.default_rng([seed, 1]).choice(rest, size=cap, replace=False))
+    return rest
+
+
+def fit_semi(learner: str, x_lab: np.ndarray, y_lab: np.ndarray, x_unl: np.ndarray, C: float, max_iter: int,
+             seed: int):
+    """A fitted classifier (with `.predict`) trained on labelled + unlabelled features."""
+    y = np.concatenate([y_lab, np.full(len(x_unl), -1, dtype=np.int64)])   # -1 marks unlabelled (sklearn)
+    if learner == "label_spreading":
+        x = l2_normalize(np.concatenate([x_lab, x_unl]))
+        k = min(LABEL_SPREADING_NEIGHBOURS, len(x) - 1)
+        model = LabelSpreading(kernel="knn", n_neighbors=max(k, 1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(x, y)
+        return _NormalizedInput(model)
+    if learner == "self_training":
+        x = np.concatenate([x_lab, x_unl])
+        model = make_pipeline(StandardScaler(), SelfTrainingClassifier(
+            LogisticRegression(C=C, max_iter=max_iter, random_state=seed)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(x, y)
+        return model
+    raise ValueError(f"unknown semi-supervised learner {learner!r} (known: {', '.join(LEARNERS)})")
+
+
+class _NormalizedInput:
+    """Label spreading's graph lives on the unit sphere: normalise test features the same way."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def predict(self, x):
+        return self.model.predict(l2_normalize(x))
+
+
+def summarize(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "values": [float(x) for x in v]}
+
+
+def semi_supervised(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
+                    test_labels: np.ndarray, fractions, seeds, learner: str = "label_spreading",
+                    C: float = 1.0, max_iter: int = 200, unlabelled_max: int = 0) -> dict:
+    """{str(fraction): {"logreg": summary, learner: summary}}, summary = {mean, std, values, n_labelled, ...}."""
+    if learner not in LEARNERS:
+        raise ValueError(f"unknown semi-supervised learner {learner!r} (known: {', '.join(LEARNERS)})")
+    train_labels = np.asarray(train_labels, dtype=np.int64)
+    out = {}
+    for fraction in fractions:
+        sup, semi, n_lab, n_unl = [], [], 0, 0
+        for seed in seeds:
+            lab = balanced_subset(train_labels, fraction, seed)
+            x_lab, y_lab = train_feats[lab], train_labels[lab]
+            probe = make_probe(C, max_iter, seed)
+            fit_quietly(probe, x_lab, y_lab)
+            sup.append(accuracy(probe, test_feats, test_labels))
+            unl = unlabelled_subset(len(train_labels), lab, unlabelled_max, seed)
+            model = fit_semi(learner, x_lab, y_lab, train_feats[unl], C, max_iter, seed)
+            semi.append(accuracy(model, test_feats, test_labels))
+            n_lab, n_unl = len(lab), len(unl)
+        out[str(fraction)] = {"logreg": {**summarize(sup), "n_labelled": n_lab},
+                              learner: {**summarize(semi), "n_labelled": n_lab, "n_unlabelled": n_unl}}
+    return out

@@ -1,0 +1,60 @@
+"""Profiles: `python -m pipeline.profile NAME` renders profiles/NAME.yaml into params.yaml.
+
+profiles/cpu.yaml is complete (and is params.yaml as shipped); every other profile names a profile
+it `extends` and overrides only what differs (a null deletes a key). The result is validated before
+params.yaml is replaced, so a broken profile never lands in the workspace.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.params import ParamError, deep_merge, validate
+from pipeline.utils import atomic_write_text
+
+PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+
+
+def resolve(name: str, seen: tuple = ()) -> dict:
+    path = PROFILES / f"{name}.yaml"
+    if not path.exists():
+        have = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
+        raise ParamError(f"profile {name!r}: no {path} (have: {have})")
+    if name in seen:
+        raise ParamError(f"profile {name!r}: extends itself through {' -> '.join(seen)}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    base = raw.pop("extends", None)
+    return deep_merge(resolve(base, seen + (name,)), raw) if base else raw
+
+
+def render(name: str) -> str:
+    path = PROFILES / f"{name}.yaml"
+    merged = resolve(name)
+    try:
+        validate(merged)
+    except ParamError as e:
+        raise ParamError(f"profile {name}: {e}") from None
+    if "extends" not in (yaml.safe_load(path.read_text()) or {}):
+        return path.read_text()  # a complete profile keeps its comments
+    header = f"# Rendered from profiles/{name}.yaml by `python -m pipeline.profile {name}`; edit the profile, not this file.\n"
+    return header + yaml.safe_dump(merged, sort_keys=False, default_flow_style=None, width=110)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name", help="profile name: " + ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml"))))
+    ap.add_argument("--out", default="params.yaml")
+    a = ap.parse_args(argv)
+    try:
+        atomic_write_text(render(a.name), a.out)
+    except ParamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"{a.out}: profile {a.name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""The report: every run's metrics in one table, the papers' reference numbers beside them, and figures.
+
+Reads metrics files only (the pretrain summary JSON and per-epoch CSV, the evaluate JSON); it never imports
+training or evaluation code, so a report can be rebuilt anywhere the metrics files are. Every path is taken
+relative to a `root` directory, so tests can point it at a temporary folder.
+
+    report = build_report(root, runs, dataset="cifar10", title="...")   # pure: reads, returns text and PNGs
+    paths = write_report(report, root)                                  # atomic writes under root/reports
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from pipeline.params import DataError
+from pipeline.utils import atomic_write_bytes, atomic_write_text
+
+REFERENCES = Path(__file__).with_name("references.yaml")
+SEED_PAPERS = (
+    "gsssl-group-siamese-ssl.txt", "leoclr-original-images.txt", "pnnclr-pseudo-nearest-neighbours.txt",
+    "pwself-patch-wise-ssl.txt", "seppid-semantic-positive-pairs.txt",
+)
+REF_REQUIRED = ("method", "dataset", "backbone", "epochs", "protocol", "top1", "source")
+FLOOR_METHOD = "random"
+# per-epoch CSV columns that are bookkeeping, not loss terms
+CURVE_META = ("epoch", "step", "loss", "lr", "views_per_s", "epoch_time_s")
+DASH = "—"
+
+
+@dataclass
+class RunMetrics:
+    run: str
+    method: str
+    backbone: str
+    pretrain: dict
+    evaluate: dict
+    curve: pd.DataFrame | None  # None for an untrained (random) run
+
+    @property
+    def trained(self) -> bool:
+        return self.method != FLOOR_METHOD and (self.pretrain.get("epochs") or 0) > 0
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass
+class Report:
+    title: str
+    markdown: str
+    html: str
+    figures: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG bytes
+    tables: list[Table] = field(default_factory=list)
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (run the {what} stage for this run first)") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return obj
+
+
+def _check_same(path: Path, obj: dict, key: str, want: str, run: str) -> None:
+    # metrics left from an older params.yaml would otherwise be reported under the new name
+    if key in obj and obj[key] != want:
+        raise DataError(f"{path}: {key} {obj[key]!r} does not match runs.{run}.{key} {want!r} (stale metrics: re-run the stage)")
+
+
+def load_run(root: str | Path, run: str, method: str, backbone: str) -> RunMetrics:
+    """One run's metrics files under `root`; a missing or unreadable file raises DataError naming it."""
+    root = Path(root)
+    pre_path = root / "reports/metrics/pretrain" / f"{run}.json"
+    ev_path = root / "reports/metrics/evaluate" / f"{run}.json"
+    curve_path = root / "reports/plots/pretrain" / f"{run}.csv"
+    pre = _read_json(pre_path, "pretrain")
+    ev = _read_json(ev_path, "evaluate")
+    for path, obj in ((pre_path, pre), (ev_path, ev)):
+        _check_same(path, obj, "method", method, run)
+        _check_same(path, obj, "backbone", backbone, run)
+    curve = None
+    if method != FLOOR_METHOD and (pre.get("epochs") or 0) > 0:  # a random floor has no curve to plot
+        try:
+            curve = pd.read_csv(curve_path)
+        except FileNotFoundError:
+            raise DataError(f"{curve_path}: not found (run the pretrain stage for this run first)") from None
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise DataError(f"{curve_path}: not a readable CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        if not {"epoch", "loss"} <= set(curve.columns):
+            raise DataError(f"{curve_path}: expected columns epoch and loss, got {', '.join(map(str, curve.columns))}")
+    return RunMetrics(run, method, backbone, pre, ev, curve)
+
+
+def load_runs(root: str | Path, runs: dict[str, dict]) -> list[RunMetrics]:
+    """All runs in params order; `runs` is params.yaml's `runs:` mapping (name -> {method, backbone})."""
+    return [load_run(root, name, spec["method"], spec["backbone"]) for name, spec in runs.items()]
+
+
+def load_references(path: str | Path = REFERENCES) -> list[dict]:
+    """The papers' reference numbers; every entry is checked so a typo in the YAML fails loudly."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found") from None
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    refs = raw.get("references") if isinstance(raw, dict) else None
+    if not isinstance(refs, list):
+        raise DataError(f"{path}: expected a top-level 'references:' list")
+    for i, r in enumerate(refs):
+        missing = [k for k in REF_REQUIRED if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise DataError(f"{path}: references[{i}]: missing {', '.join(missing)}")
+        if _num(r["top1"]) is None or not isinstance(r["source"], str) or not r["source"].startswith(SEED_PAPERS):
+            raise DataError(f"{path}: references[{i}]: top1 must be a number and source must name a seed paper file")
+    return refs
+
+
+# --- tables ----------------------------------------------------------------------------------------
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _fmt(v: Any, digits: int = 2, suffix: str = "") -> str:
+    x = _num(v)
+    return DASH if x is None else f"{x:.{digits}f}{suffix}"
+
+
+def _k_sort(keys) -> list[str]:
+    return sorted({str(k) for k in keys}, key=lambda k: (float(k) if re.fullmatch(r"[0-9.]+", k) else math.inf, k))
+
+
+def _pct_label(frac: str) -> str:
+    return f"{float(frac) * 100:g}%"
+
+
+def _delta_k(metrics: list[RunMetrics]) -> str | None:
+    """The k used for the Δ-vs-floor column: 200 when measured (the design's choice), else the largest k."""
+    ks = _k_sort(k for m in metrics for k in (m.evaluate.get("knn") or {}))
+    return "200" if "200" in ks else (ks[-1] if ks else None)
+
+
+def comparison_table(metrics: list[RunMetrics]) -> Table:
+    """One row per run: accuracies, pretrain cost, and the gain over the random-init floor of its backbone."""
+    ks = _k_sort(k for m in metrics for k in (m.evaluate.get("knn") or {}))
+    fracs = _k_sort(f for m in metrics for f in (m.evaluate.get("semi") or {}))
+    learners = sorted({lr for m in metrics for f in (m.evaluate.get("semi") or {}).values() for lr in (f or {})},
+                      key=lambda s: (s != "logreg", s))  # the labelled-only baseline first
+    dk = _delta_k(metrics)
+    # the first `random` run of each backbone is its floor: an untrained encoder's kNN accuracy
+    floors: dict[str, RunMetrics] = {}
+    for m in metrics:
+        if m.method == FLOOR_METHOD:
+            floors.setdefault(m.backbone, m)
+
+    cols = ["run", "method", "backbone", "epochs"] + [f"kNN-{k}" for k in ks] + ["linear"]
+    cols += [f"semi {_pct_label(f)} {lr}" for f in fracs for lr in learners]
+    cols += ["pretrain time (s)", "views/s", "peak mem (MiB)"]
+    if dk is not None:
+        cols.append(f"Δ kNN-{dk} vs random")
+    rows = []
+    for m in metrics:
+        ev, pre = m.evaluate, m.pretrain
+        knn = ev.get("knn") or {}
+        row = [m.run, m.method, m.backbone, str(pre.get("epochs", DASH))]
+        row += [_fmt(knn.get(k)) for k in ks]
+        row.append(_fmt((ev.get("linear") or {}).get("top1")))
+        for f in fracs:
+            for lr in learners:
+                s = ((ev.get("semi") or {}).get(f) or {}).get(lr) or {}
+                mean, std = _num(s.get("mean")), _num(s.get("std"))
+                row.append(DASH if mean is None else f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}")
+        trained = m.trained
+        row += [_fmt(pre.get("wall_time_s"), 1) if trained else DASH, _fmt(pre.get("views_per_s"), 0) if trained else DASH,
+                _fmt(pre.get("peak_mem_mib"), 0)]
+        if dk is not None:
+            floor = floors.get(m.backbone)
+            if m.method == FLOOR_METHOD:
+                row.append("(floor)")
+            elif floor is None:
+                row.append(f"{DASH} (no random run for {m.backbone})")
+            else:
+                ours, base = _num(knn.get(dk)), _num((floor.evaluate.get("knn") or {}).get(dk))
+                row.append(DASH if ours is None or base is None else f"{ours - base:+.2f}")
+        rows.append(row)
+    caption = ("Our runs. Top-1 accuracy (%) on the test split of frozen-backbone features: weighted kNN (cosine, k neighbours), "
+               "linear probe (logistic regression), semi-supervised with a fraction of the training labels (mean ± std over seeds). "
+               "Δ is the kNN gain over the untrained (random-init) encoder of the same backbone. Time and views/s are for pretraining.")
+    return Table("Our results", cols, rows, caption)
+
+
+def _norm_dataset(name: str) -> str:
+    n = re.sub(r"[^a-z0-9]", "", str(name).lower())
+    return {"imagenet1k": "imagenet", "in1k": "imagenet", "tinyimagenet200": "tinyimagenet"}.get(n, n)
+
+
+def select_references(refs: list[dict], methods: list[str], dataset: str) -> list[dict]:
+    """References for these methods, pre-trained and evaluated on this dataset (transfer rows from another
+    pre-training dataset are not comparable, so they stay out). Order: methods as in the run list, plain
+    settings before variants, then the YAML's (paper, table) order."""
+    want = _norm_dataset(dataset)
+    order = {m: i for i, m in enumerate(dict.fromkeys(methods))}
+    picked = [(i, r) for i, r in enumerate(refs)
+              if r["method"] in order and _norm_dataset(r["dataset"]) == want
+              and _norm_dataset(r.get("pretrain_dataset", r["dataset"])) == want]
+    picked.sort(key=lambda ir: (order[ir[1]["method"]], ir[1].get("variant") is not None, ir[0]))
+    return [r for _, r in picked]
+
+
+def reference_table(refs: list[dict], methods: list[str], dataset: str) -> Table:
+    sel = select_references(refs, [m for m in methods if m != FLOOR_METHOD], dataset)
+    cols = ["method", "variant", "dataset", "backbone", "epochs", "protocol", "top-1 (%)", "source", "note"]
+    rows = []
+    for r in sel:
+        proto = f"kNN (k={r['k']})" if r["protocol"] == "knn" and "k" in r else r["protocol"]
+        rows.append([r["method"], r.get("variant") or DASH, r["dataset"], r["backbone"],
+                     DASH + " (not stated)" if r["epochs"] is None else str(r["epochs"]), proto, _fmt(r["top1"]),
+                     r["source"], r.get("note") or ""])
+    caption = ("Published numbers, quoted from the seed papers in their own settings (dataset, backbone, epochs, batch size, "
+               "protocol): they are not our measurements and differ from our setting, so compare them with care. "
+               f"Shown: methods in this run list, pre-trained and evaluated on {dataset}.")
+    return Table("Papers' reference numbers", cols, rows, caption)
+
+
+# --- figures ---------------------------------------------------------------------------------------
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)  # Agg canvas directly: no pyplot global state, no display needed
+    buf = io.BytesIO()
+    # no Software/date metadata: the same metrics give the same bytes, so DVC hashes stay stable
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def loss_figure(metrics: list[RunMetrics]) -> bytes | None:
+    """Training loss per epoch, one panel per trained run (loss scales differ between methods)."""
+    runs = [m for m in metrics if m.curve is not None and len(m.curve)]
+    if not runs:
+        return None
+    ncol = min(3, len(runs))
+    nrow = math.ceil(len(runs) / ncol)
+    fig = Figure(figsize=(4.2 * ncol, 3.2 * nrow), layout="constrained")
+    for i, m in enumerate(runs):
+        ax = fig.add_subplot(nrow, ncol, i + 1)
+        c = m.curve
+        ax.plot(c["epoch"], c["loss"], marker="o", lw=2, label="loss")
+        for term in [col for col in c.columns if col not in CURVE_META]:  # per-term losses, thinner
+            ax.plot(c["epoch"], c[term], lw=1, ls="--", label=term)
+        ax.set_title(f"{m.run} ({m.method}, {m.backbone})", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        if len(c.columns.difference(CURVE_META)):
+            ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def accuracy_figure(metrics: list[RunMetrics]) -> bytes | None:
+    """kNN (each k) and linear top-1 per run, as grouped bars."""
+    ks = _k_sort(k for m in metrics for k in (m.evaluate.get("knn") or {}))
+    series = [(f"kNN-{k}", [_num((m.evaluate.get("knn") or {}).get(k)) for m in metrics]) for k in ks]
+    series.append(("linear", [_num((m.evaluate.get("linear") or {}).get("top1")) for m in metrics]))
+    series = [(n, v) for n, v in series if any(x is not None for x in v)]
+    if not metrics or not series:
+        return None
+    fig = Figure(figsize=(max(5.0, 1.3 * len(metrics) * len(series) / 2 + 2), 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(series)
+    for j, (name, vals) in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(metrics))]
+        ax.bar(xs, [0.0 if v is None else v for v in vals], width, label=name)
+    ax.set_xticks(range(len(metrics)), [f"{m.run}\n({m.method})" for m in metrics], fontsize=8)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=len(series))
+    ax.set_title("Frozen-feature accuracy per run", fontsize=10)
+    return _png(fig)
+
+
+# --- rendering -------------------------------------------------------------------------------------
+
+def _md_cell(s: str) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def table_markdown(t: Table) -> str:
+    lines = [f"## {t.title}", ""]
+    if t.caption:
+        lines += [t.caption, ""]
+    if not t.rows:
+        return "\n".join(lines + ["_(none)_", ""])
+    lines.append("| " + " | ".join(_md_cell(c) for c in t.columns) + " |")
+    lines.append("|" + "|".join("---" for _ in t.columns) + "|")
+    lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in t.rows]
+    return "\n".join(lines + [""])
+
+
+def table_html(t: Table) -> str:
+    out = [f"<h2>{html.escape(t.title)}</h2>"]
+    if t.caption:
+        out.append(f"<p class=\"caption\">{html.escape(t.caption)}</p>")
+    if not t.rows:
+        return "\n".join(out + ["<p><em>(none)</em></p>"])
+    out.append("<table>\n<thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in t.columns) + "</tr></thead>\n<tbody>")
+    out += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in t.rows]
+    out.append("</tbody>\n</table>")
+    return "\n".join(out)
+
+
+FIGURE_TITLES = {"loss.png": "Training loss per epoch", "accuracy.png": "kNN and linear top-1 per run"}
+CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
+       "th,td{border:1px solid #ccc;padding:3px 7px;text-align:left}th{background:#f2f2f2}"
+       ".caption{color:#444;max-width:1000px}img{max-width:100%;border:1px solid #eee}")
+
+
+def render(title: str, dataset: str, tables: list[Table], figures: dict[str, bytes]) -> tuple[str, str]:
+    """(markdown, html). Markdown links the PNGs under figures/; the HTML embeds them as base64."""
+    intro = f"Dataset: `{dataset}`. Accuracies are top-1 in percent."
+    md = [f"# {title}", "", intro, ""] + [table_markdown(t) for t in tables] + ["## Figures", ""]
+    md += [f"![{FIGURE_TITLES.get(n, n)}](figures/{n})\n" for n in figures] or ["_(no figures: no trained runs)_\n"]
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p>Dataset: <code>{html.escape(dataset)}</code>. Accuracies are top-1 in percent.</p>"]
+    body += [table_html(t) for t in tables] + ["<h2>Figures</h2>"]
+    for n, png in figures.items():
+        alt = html.escape(FIGURE_TITLES.get(n, n))
+        body.append(f"<figure><img alt=\"{alt}\" src=\"data:image/png;base64,{base64.b64encode(png).decode()}\">"
+                    f"<figcaption>{alt}</figcaption></figure>")
+    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
+    return "\n".join(md), page
+
+
+# --- entry points ----------------------------------------------------------------------------------
+
+def build_report(root: str | Path, runs: dict[str, dict], dataset: str, title: str,
+                 references: str | Path = REFERENCES) -> Report:
+    """Read every run's metrics under `root` and the reference YAML; return the report (nothing written)."""
+    metrics = load_runs(root, runs)
+    refs = load_references(references)
+    tables = [comparison_table(metrics), reference_table(refs, [m.method for m in metrics], dataset)]
+    figures = {}
+    for name, png in (("loss.png", loss_figure(metrics)), ("accuracy.png", accuracy_figure(metrics))):
+        if png is not None:
+            figures[name] = png
+    md, page = render(title, dataset, tables, figures)
+    return Report(title, md, page, figures, tables)
+
+
+def write_report(report: Report, root: str | Path) -> list[Path]:
+    """reports/report.md, reports/report.html and reports/figures/*.png under `root`, each written atomically."""
+    out = Path(root) / "reports"
+    paths = []
+    for name, png in report.figures.items():
+        atomic_write_bytes(png, out / "figures" / name)
+        paths.append(out / "figures" / name)
+    # the pages last: a reader that sees them also finds the figures they link
+    atomic_write_text(report.markdown, out / "report.md")
+    atomic_write_text(report.html, out / "report.html")
+    return paths + [out / "report.md", out / "report.html"]
+
+
+def build(root: str | Path, runs: dict[str, dict], dataset: str, title: str,
+          references: str | Path = REFERENCES) -> list[Path]:
+    """Build and write the report; returns the written paths."""
+    return write_report(build_report(root, runs, dataset, title, references), root)

@@ -1,0 +1,42 @@
+"""Optimizers (SGD, LARS, Adam, AdamW) and the per-step learning-rate schedule (linear warm-up + cosine)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def peak_lr(train: dict) -> float:
+    """`lr` is given at batch 256 and scaled linearly with the global batch (Goyal et al. 2017) for SGD/LARS;
+    Adam/AdamW take it as is (`lr_scaling: none` turns scaling off for any optimizer)."""
+    if train.get("lr_scaling", "linear") == "linear" and train["optimizer"] in ("sgd", "lars"):
+        return train["lr"] * train["batch_size"] / 256
+    return train["lr"]
+
+
+def build_optimizer(groups: list[dict], train: dict) -> torch.optim.Optimizer:
+    name, lr, wd = train["optimizer"], peak_lr(train), train["weight_decay"]
+    groups = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=train["momentum"], weight_decay=wd)
+    if name == "lars":
+        from timm.optim import Lars
+
+        # timm's LARS adapts only groups with weight decay (biases / norms have 0): the usual exclusion
+        return Lars(groups, lr=lr, momentum=train["momentum"], weight_decay=wd, trust_coeff=0.001)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=wd)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio: float) -> float:
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then half-cosine down to `peak * min_ratio`."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)

@@ -1,0 +1,41 @@
+"""features stage: `python stages/features.py <run>` -> data/features/<run>/{train,test}.npz.
+
+Frozen-backbone features of every train and test image (no augmentation), extracted once per encoder
+and reused by every evaluation protocol.
+"""
+from pathlib import Path
+
+from pipeline import params
+from pipeline.cli import main
+from pipeline.data.shards import read_manifest
+from pipeline.eval.features import extract_features, save_features
+from pipeline.models.encoder_io import load_encoder
+from pipeline.utils import pick_device
+
+
+def run(argv):
+    if len(argv) != 1:
+        raise params.ParamError("usage: python stages/features.py <run>  (a name under runs: in params.yaml)")
+    p = params.load("params.yaml")
+    name = argv[0]
+    params.method_config(p, name)  # the run must exist before anything starts
+    ds, ev = p["dataset"], p["evaluate"]
+    shard_dir = Path("data/shards") / ds["name"]
+    read_manifest(shard_dir)  # fail fast, naming the missing shard stage, before loading any weights
+    backbone, state = load_encoder(Path("data/models") / name / "encoder.pt")
+    if state["image_size"] != ds["image_size"]:
+        raise params.DataError(f"data/models/{name}/encoder.pt: trained at image_size {state['image_size']}, "
+                               f"params say dataset.image_size {ds['image_size']}; rerun its pretrain stage (dvc repro)")
+    device = pick_device()
+    out = Path("data/features") / name
+    for split in ("train", "test"):
+        # evaluate.train_subset also bounds extraction: features no protocol will read are never computed
+        limit = ev["train_subset"] if split == "train" else 0
+        feats, labels, keys = extract_features(backbone, shard_dir, split, ds["image_size"], ds["mean"], ds["std"],
+                                               ev["batch_size"], device, limit=limit)
+        save_features(out / f"{split}.npz", feats, labels, keys)
+        print(f"features {name} {split}: {feats.shape[0]} x {feats.shape[1]} -> {out / f'{split}.npz'}")
+
+
+if __name__ == "__main__":
+    main(run)

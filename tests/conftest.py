@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny synthetic ImageFolder, its shards, and a tiny params mapping."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_imagefolder(root: Path, n_per_class: int = 8, classes=("a", "b", "c"), size: int = 32, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        for c_i, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n_per_class):
+                img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                img[..., c_i % 3] = 200  # a class colour, so features can separate classes
+                Image.fromarray(img).save(d / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def imagefolder(tmp_path) -> Path:
+    return make_imagefolder(tmp_path / "images")
+
+
+@pytest.fixture
+def shard_dir(tmp_path, imagefolder) -> Path:
+    from pipeline.data.shards import write_shards
+    from pipeline.data.sources import imagefolder as open_folder
+
+    out = tmp_path / "data/shards/tiny"
+    write_shards(open_folder(imagefolder), out, samples_per_shard=5, seed=0, skip_corrupt=False)
+    return out
+
+
+def tiny_params(**over) -> dict:
+    """The tiny test profile, validated, with overrides (dotted keys) applied."""
+    from pipeline.params import validate
+    from pipeline.profile import resolve
+
+    raw = resolve("tiny")
+    for key, val in over.items():
+        node = raw
+        *parents, last = key.split(".")
+        for k in parents:
+            node = node[k]
+        node[last] = val
+    return validate(raw)

@@ -1,0 +1,194 @@
+"""The report stage: fake metrics for three runs (two methods + a random floor) in tmp_path, then the outputs."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import PipelineError
+from pipeline.report import build as rb
+
+RUNS = {
+    "simclr": {"method": "simclr", "backbone": "r18"},
+    "mocov2": {"method": "mocov2", "backbone": "r18"},
+    "random-r18": {"method": "random", "backbone": "r18"},
+}
+KNN = {"simclr": (41.0, 42.5, 45.25), "mocov2": (38.0, 39.0, 40.5), "random-r18": (20.0, 21.0, 22.75)}
+REGISTRY = {"simclr", "mocov2", "byol", "simsiam", "barlow_twins", "vicreg", "nnclr", "dino", "gsssl", "seppid",
+            "pnnclr", "leoclr", "pwself"}
+
+
+def write_metrics(root: Path, runs=RUNS) -> None:
+    for i, (run, spec) in enumerate(runs.items()):
+        trained = spec["method"] != "random"
+        pre = {"run": run, **spec, "epochs": 3 if trained else 0, "steps": 30 if trained else 0,
+               "wall_time_s": 12.5 * (i + 1) if trained else 0.0, "views_per_s": 1000.0 + i if trained else 0.0,
+               "peak_mem_mib": 512.0, "final_loss": 5.0 if trained else None, "device": "cpu", "world_size": 1}
+        k10, k20, k200 = KNN[run]
+        ev = {"run": run, **spec, "feat_dim": 128, "n_train": 1000, "n_test": 200,
+              "knn": {"10": k10, "20": k20, "200": k200},
+              "linear": {"top1": k200 + 5, "C": 1.0, "val_top1": k200 + 4},
+              "semi": {f: {"logreg": {"mean": 30.0 + i, "std": 1.5, "values": [28.5, 30.0, 31.5]},
+                           "label_spreading": {"mean": 32.0, "std": 0.5, "values": [31.5, 32.0, 32.5]}}
+                       for f in ("0.01", "0.1")},
+              "seconds": {"knn": 0.1}}
+        for sub, obj in (("pretrain", pre), ("evaluate", ev)):
+            p = root / "reports/metrics" / sub / f"{run}.json"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps(obj))
+        curve = root / "reports/plots/pretrain" / f"{run}.csv"
+        curve.parent.mkdir(parents=True, exist_ok=True)
+        if trained:
+            curve.write_text("epoch,step,loss,lr,views_per_s,epoch_time_s,nt_xent\n"
+                             + "".join(f"{e},{10 * e},{6 - e * 0.5},0.06,1000,4.0,{6 - e * 0.5}\n" for e in (1, 2, 3)))
+        else:
+            curve.write_text("epoch,step,loss\n")
+
+
+@pytest.fixture
+def report(tmp_path):
+    write_metrics(tmp_path)
+    paths = rb.build(tmp_path, RUNS, "cifar10", "Test report")
+    return tmp_path, paths
+
+
+def _md_rows(md: str, title: str) -> list[list[str]]:
+    """The rows of the markdown table under heading `## title`."""
+    section = md.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split(" | ") for line in section.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in r] for r in rows]
+
+
+def test_outputs_written(report):
+    root, paths = report
+    for rel in ("reports/report.md", "reports/report.html", "reports/figures/loss.png", "reports/figures/accuracy.png"):
+        assert root / rel in paths and (root / rel).stat().st_size > 0
+    assert (root / "reports/figures/loss.png").read_bytes().startswith(b"\x89PNG")
+    assert not list((root / "reports").rglob("*.tmp"))  # atomic writes leave no temp files
+
+
+def test_markdown_lists_methods_floor_and_delta(report):
+    root, _ = report
+    md = (root / "reports/report.md").read_text()
+    assert md.startswith("# Test report")
+    header, *rows = _md_rows(md, "Our results")
+    by_run = {r[0]: dict(zip(header, r)) for r in rows}
+    assert set(by_run) == set(RUNS)
+    assert by_run["simclr"]["method"] == "simclr" and by_run["mocov2"]["method"] == "mocov2"
+    assert by_run["random-r18"]["method"] == "random"
+    delta = "Δ kNN-200 vs random"
+    assert by_run["simclr"][delta] == "+22.50"  # 45.25 - 22.75
+    assert by_run["mocov2"][delta] == "+17.75"  # 40.50 - 22.75
+    assert by_run["random-r18"][delta] == "(floor)"
+    assert by_run["simclr"]["kNN-10"] == "41.00" and by_run["simclr"]["linear"] == "50.25"
+    assert by_run["simclr"]["semi 1% logreg"] == "30.00 ± 1.50"
+    assert by_run["mocov2"]["semi 10% label_spreading"] == "32.00 ± 0.50"
+    assert by_run["random-r18"]["pretrain time (s)"] == "—"
+    assert by_run["mocov2"]["pretrain time (s)"] == "25.0" and by_run["mocov2"]["views/s"] == "1001"
+    assert "![" in md and "(figures/loss.png)" in md and "(figures/accuracy.png)" in md
+
+
+def test_references_table_is_labelled_and_separate(report):
+    root, _ = report
+    md = (root / "reports/report.md").read_text()
+    assert md.index("## Our results") < md.index("## Papers' reference numbers")
+    header, *rows = _md_rows(md, "Papers' reference numbers")
+    for col in ("method", "dataset", "backbone", "epochs", "protocol", "top-1 (%)", "source"):
+        assert col in header
+    assert rows, "simclr and mocov2 have CIFAR-10 reference numbers in the papers"
+    refs = [dict(zip(header, r)) for r in rows]
+    assert {r["method"] for r in refs} <= {"simclr", "mocov2"}
+    assert {r["dataset"] for r in refs} == {"cifar10"}
+    assert all(r["source"].split(",")[0] in rb.SEED_PAPERS and "Table" in r["source"] for r in refs)
+    # e.g. GSSSL's Table 1: SimCLR, ResNet-18, 1000 epochs, linear, 91.0 (printed as 0.910)
+    assert any(r["method"] == "simclr" and r["epochs"] == "1000" and r["top-1 (%)"] == "91.00" and "gsssl" in r["source"]
+               for r in refs)
+    # none of the papers' numbers leaks into our table
+    ours = md.split("## Our results", 1)[1].split("## Papers' reference numbers", 1)[0]
+    assert "Table" not in ours and ".txt" not in ours
+
+
+def test_html_embeds_images_and_tables(report):
+    root, _ = report
+    page = (root / "reports/report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    imgs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(imgs) == 2 and all(base64.b64decode(b).startswith(b"\x89PNG") for b in imgs)
+    assert "Papers&#x27; reference numbers" in page and "<table>" in page
+    assert "figures/" not in page  # standalone: no links to files beside it
+
+
+def test_report_is_deterministic(tmp_path):
+    write_metrics(tmp_path)
+    a = rb.build_report(tmp_path, RUNS, "cifar10", "t")
+    b = rb.build_report(tmp_path, RUNS, "cifar10", "t")
+    assert a.markdown == b.markdown and a.figures == b.figures
+
+
+@pytest.mark.parametrize("missing", ["reports/metrics/evaluate/mocov2.json", "reports/metrics/pretrain/simclr.json",
+                                     "reports/plots/pretrain/simclr.csv"])
+def test_missing_metrics_file_names_it(tmp_path, missing):
+    write_metrics(tmp_path)
+    (tmp_path / missing).unlink()
+    with pytest.raises(PipelineError) as e:
+        rb.build(tmp_path, RUNS, "cifar10", "t")
+    msg = str(e.value)
+    assert missing in msg and "\n" not in msg
+    assert not (tmp_path / "reports/report.md").exists()
+
+
+def test_random_floor_needs_no_curve(tmp_path):
+    write_metrics(tmp_path)
+    (tmp_path / "reports/plots/pretrain/random-r18.csv").unlink()
+    rb.build_report(tmp_path, RUNS, "cifar10", "t")
+
+
+def test_stale_metrics_are_an_error(tmp_path):
+    write_metrics(tmp_path)
+    runs = {**RUNS, "simclr": {"method": "byol", "backbone": "r18"}}
+    with pytest.raises(PipelineError, match=r"simclr\.json: method 'simclr' does not match runs\.simclr\.method 'byol'"):
+        rb.build_report(tmp_path, runs, "cifar10", "t")
+
+
+def test_no_floor_for_backbone(tmp_path):
+    runs = {"simclr": RUNS["simclr"]}
+    write_metrics(tmp_path, runs)
+    rep = rb.build_report(tmp_path, runs, "cifar10", "t")
+    ours = rep.tables[0]
+    assert ours.rows[0][-1].startswith("—")
+
+
+def test_references_yaml_parses_with_required_fields():
+    raw = yaml.safe_load(rb.REFERENCES.read_text())
+    refs = raw["references"]
+    assert len(refs) > 100
+    seeds = Path(__file__).resolve().parents[2] / "shared/seeds"
+    for r in refs:
+        for key in rb.REF_REQUIRED:
+            assert key in r, (key, r)
+        assert r["method"] in REGISTRY, r
+        assert isinstance(r["top1"], (int, float)) and 0 < r["top1"] <= 100, r
+        assert r["epochs"] is None or (isinstance(r["epochs"], int) and r["epochs"] > 0), r
+        assert isinstance(r["backbone"], str) and isinstance(r["dataset"], str) and isinstance(r["protocol"], str)
+        paper, table = r["source"].split(", ")
+        assert paper in rb.SEED_PAPERS and re.fullmatch(r"Table \d+", table), r
+        if seeds.is_dir():
+            assert (seeds / paper).is_file()
+        if r["protocol"] == "knn":
+            assert r.get("k") in (10, 20), r
+    # every paper contributes, and CIFAR-10 is covered
+    assert {r["source"].split(",")[0] for r in refs} == set(rb.SEED_PAPERS)
+    assert sum(r["dataset"] == "cifar10" for r in refs) >= 20
+    assert rb.load_references() == refs  # the loader's own checks agree
+
+
+def test_select_references_filters_method_dataset_and_transfer():
+    refs = rb.load_references()
+    sel = rb.select_references(refs, ["mocov2"], "CIFAR-10")
+    assert sel and all(r["method"] == "mocov2" and r["dataset"] == "cifar10" for r in sel)
+    assert all("pretrain_dataset" not in r for r in sel)  # ImageNet-pretrained transfer rows are not comparable
+    assert rb.select_references(refs, ["random"], "cifar10") == []
