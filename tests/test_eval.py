@@ -16,7 +16,7 @@ from pipeline.eval.features import extract_features, load_features, save_feature
 from pipeline.eval.knn import knn_accuracy, nearest_neighbours, weighted_vote
 from pipeline.eval.linear import linear_probe
 from pipeline.eval.protocols import evaluate_features
-from pipeline.eval.semi import balanced_subset, semi_supervised
+from pipeline.eval.semi import balanced_subset, fit_semi, semi_supervised
 from pipeline.params import DataError
 
 
@@ -156,8 +156,22 @@ def test_semi_supervised_beats_chance_on_clusters(learner):
             assert r["std"] == pytest.approx(np.std(r["values"], ddof=1))
             assert r["mean"] > 50.0          # chance is 25%
         assert per[learner]["n_unlabelled"] == 150
+        if learner == "label_spreading":
+            assert per[learner]["unreached_test"] == [0, 0]
     assert res["0.02"]["logreg"]["n_labelled"] == 8       # floor(0.02 * 400 / 4) = 2 per class
     assert res["0.1"]["logreg"]["n_labelled"] == 40
+
+
+def test_label_spreading_unreached_points_count_as_errors():
+    # two cosine-far clusters; every label sits in cluster A, so no label mass ever reaches cluster B
+    rng = np.random.default_rng(11)
+    a = np.array([1.0, 0, 0]) + 0.05 * rng.normal(size=(30, 3))
+    b = np.array([0, 0, 1.0]) + 0.05 * rng.normal(size=(30, 3))
+    model = fit_semi("label_spreading", a[:4].astype(np.float32), np.array([0, 0, 1, 1]),
+                     np.concatenate([a[4:], b]).astype(np.float32), C=1.0, max_iter=100, seed=0)
+    pred = model.predict(np.concatenate([a[:5], b[:5]]).astype(np.float32))
+    assert (pred[5:] == -1).all() and model.unreached == 5      # not silently "class 0"
+    assert set(pred[:5]) <= {0, 1}
 
 
 def test_evaluate_features_shape_and_subset():

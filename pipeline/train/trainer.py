@@ -233,7 +233,7 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
             for k, v in out.items():
                 progress.sums[k] = progress.sums.get(k, 0.0) + float(v.detach())
             bar.update(1)
-            bar.set_postfix(loss=f"{float(out['loss']):.4f}", lr=f"{opt.param_groups[0]['lr']:.3g}",
+            bar.set_postfix(loss=f"{float(out['loss'].detach()):.4f}", lr=f"{opt.param_groups[0]['lr']:.3g}",
                             views_s=f"{progress.epoch_views / max(progress.epoch_time_s, 1e-9):.0f}")
             if progress.step % train_cfg["checkpoint_every"] == 0:
                 save_checkpoint()

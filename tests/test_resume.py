@@ -1,0 +1,94 @@
+"""Checkpoint / resume: an interrupted run ends exactly where an uninterrupted one does."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.train.trainer import train
+from tests.conftest import ROOT, tiny_params
+
+
+def params(epochs=2):
+    return tiny_params(**{"dataset.name": "tiny", "train.batch_size": 8, "train.num_workers": 0,
+                          "train.checkpoint_every": 2, "train.epochs": epochs})
+
+
+def project(tmp_path, name, shard_dir):
+    root = tmp_path / name
+    (root / "data/shards").mkdir(parents=True)
+    (root / "data/shards/tiny").symlink_to(shard_dir)
+    return root
+
+
+def final_state(root, run="mocov2"):
+    return torch.load(root / f"data/checkpoints/{run}/last.pt", weights_only=False)
+
+
+def assert_same_state(a, b):
+    assert a["progress"]["step"] == b["progress"]["step"]
+    for k, v in a["method"].items():
+        assert torch.equal(v, b["method"][k]), k
+
+
+def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, shard_dir):
+    p = params()
+    full, cut = project(tmp_path, "full", shard_dir), project(tmp_path, "cut", shard_dir)
+    train(p, "mocov2", root=full)
+    assert train(p, "mocov2", root=cut, max_steps=4) == {"stopped_at_step": 4}  # 3 steps/epoch: mid-epoch 2
+    assert final_state(cut)["progress"]["step_in_epoch"] == 1
+    summary = train(p, "mocov2", root=cut)
+    assert summary["steps"] == 6
+    a, b = final_state(full), final_state(cut)
+    assert_same_state(a, b)
+    assert torch.equal(a["method"]["queue.keys"], b["method"]["queue.keys"])
+    assert len(b["progress"]["history"]) == 2
+
+
+def test_checkpoint_from_other_settings_is_not_resumed(tmp_path, shard_dir, capsys):
+    root = project(tmp_path, "r", shard_dir)
+    train(params(), "mocov2", root=root, max_steps=2)
+    train(tiny_params(**{"dataset.name": "tiny", "train.batch_size": 8, "train.num_workers": 0, "train.epochs": 1,
+                         "train.lr": 0.01}), "mocov2", root=root)
+    assert "starting from scratch" in capsys.readouterr().out
+
+
+SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from tests.test_resume import params
+from pipeline.train.trainer import train
+train(params(epochs={epochs}), "mocov2", root=Path({proj!r}))
+"""
+
+
+def test_killed_process_resumes_from_its_checkpoint(tmp_path, shard_dir):
+    epochs = 40  # 120 steps: long enough to be killed mid-run
+    proj = project(tmp_path, "killed", shard_dir)
+    code = SCRIPT.format(root=str(ROOT), epochs=epochs, proj=str(proj))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = proj / "data/checkpoints/mocov2/last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ck.exists() and torch.load(ck, weights_only=False)["progress"]["step"] >= 10:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(ck, weights_only=False)["progress"]["step"]
+    assert 10 <= killed_at < 3 * epochs
+    assert not (proj / "data/models/mocov2/encoder.pt").exists()  # no artifact that looks complete
+    summary = train(params(epochs), "mocov2", root=proj)
+    assert summary["steps"] == 3 * epochs
+    ref = project(tmp_path, "ref", shard_dir)
+    train(params(epochs), "mocov2", root=ref)
+    assert_same_state(final_state(ref), final_state(proj))
+    assert json.loads((proj / "reports/metrics/pretrain/mocov2.json").read_text())["steps"] == 3 * epochs
