@@ -136,8 +136,8 @@ DATASET = Section({
 })
 SHARD = Section({"samples_per_shard": Int(1), "skip_corrupt": Bool(), "max_images": Int(0)}, optional=("max_images",))
 BACKBONE = Section(
-    {"arch": Str(ARCHS), "width": Int(1), "cifar_stem": Bool(), "patch_size": Int(1)},
-    optional=("width", "cifar_stem", "patch_size"),
+    {"arch": Str(ARCHS), "width": Int(2), "cifar_stem": Bool(), "patch_size": Int(1), "depth": Int(1)},
+    optional=("width", "cifar_stem", "patch_size", "depth"),
 )
 AUGMENT = Section({
     "crop_scale": Range01(), "hflip": Float(0, 1), "color_jitter": List(Float(0), 4), "color_jitter_p": Float(0, 1),
@@ -149,8 +149,9 @@ TRAIN_KEYS: dict[str, Validator] = {
     "weight_decay": Float(0), "warmup_epochs": Float(0), "min_lr_ratio": Float(0, 1),
     "checkpoint_every": Int(1), "amp": Str(("bf16", "fp16", "off")), "channels_last": Bool(),
     "sync_bn": Bool(), "grad_clip": Float(0), "shuffle_buffer": Int(1), "lr_scaling": Str(("linear", "none")),
+    "weight_decay_end": Float(0),
 }
-TRAIN = Section(TRAIN_KEYS, optional=("lr_scaling",))
+TRAIN = Section(TRAIN_KEYS, optional=("lr_scaling", "weight_decay_end"))
 RUN = Section({"method": Str(), "backbone": Str()})
 EVALUATE = Section({
     "batch_size": Int(1), "knn_k": List(Int(1), min_len=1), "knn_temperature": Float(0, open_min=True),

@@ -31,6 +31,7 @@ class Method(nn.Module):
         self.cfg = {**self.DEFAULTS, **cfg}
         self.augment = augment
         self.image_size = image_size
+        self.progress, self.epoch = 0.0, 0.0
 
     def views(self) -> list[ViewSpec]:
         """Two augmented views of the whole image (SimCLR-style); methods with other views override."""
@@ -39,6 +40,14 @@ class Method(nn.Module):
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def set_progress(self, progress: float, epoch: float) -> None:
+        """Called before each step: fraction of training done, and epochs done (fractional), for schedules
+        that live in the method (teacher temperature, last-layer freezing)."""
+        self.progress, self.epoch = progress, epoch
+
+    def before_optimizer_step(self) -> None:
+        """After backward, before the optimizer: e.g. cancel gradients of a frozen layer."""
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from pathlib import Path
 
 _METHODS: dict[str, type] = {}
-# every module under pipeline/methods that defines a method; imported lazily on first lookup
-_MODULES = ("simclr", "mocov2", "random_init")
+_NOT_METHODS = {"base", "registry", "memory"}
 
 
 def register(name: str):
@@ -17,8 +18,10 @@ def register(name: str):
 
 
 def _load_all() -> None:
-    for mod in _MODULES:
-        importlib.import_module(f"pipeline.methods.{mod}")
+    """Import every module of this package: each method file registers itself, nothing to list here."""
+    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if mod.name not in _NOT_METHODS and not mod.name.startswith("_"):
+            importlib.import_module(f"pipeline.methods.{mod.name}")
 
 
 def get(name: str, key: str = "method"):

@@ -37,11 +37,12 @@ class ResNetBackbone(nn.Module):
 
 
 class ViTBackbone(nn.Module):
-    def __init__(self, arch: str, image_size: int, patch_size: int):
+    def __init__(self, arch: str, image_size: int, patch_size: int, depth: int | None = None):
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer
 
-        dim, depth, heads = VIT_DIMS[arch]
+        dim, full_depth, heads = VIT_DIMS[arch]
+        depth = depth or full_depth  # fewer blocks only for CPU profiles
         # dynamic_img_size: local crops (smaller than image_size) go through the same ViT
         self.net = VisionTransformer(img_size=image_size, patch_size=patch_size, embed_dim=dim, depth=depth,
                                      num_heads=heads, num_classes=0, dynamic_img_size=True)
@@ -60,4 +61,4 @@ def build_backbone(cfg: dict, image_size: int) -> nn.Module:
     arch = cfg["arch"]
     if arch.startswith("resnet"):
         return ResNetBackbone(arch, cfg.get("width", 64), cfg.get("cifar_stem", image_size <= 64))
-    return ViTBackbone(arch, image_size, cfg["patch_size"])
+    return ViTBackbone(arch, image_size, cfg["patch_size"], cfg.get("depth"))

@@ -40,3 +40,16 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def cosine_ramp(start: float, end: float, progress: float) -> float:
+    """Half-cosine from `start` (progress 0) to `end` (progress 1): DINO's weight-decay and momentum schedules."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
+def set_weight_decay(opt: torch.optim.Optimizer, wd: float) -> None:
+    """Scheduled weight decay for the groups that have any (biases and norms stay at 0)."""
+    for g in opt.param_groups:
+        if g.get("weight_decay", 0.0) > 0 or g.get("scheduled_wd"):
+            g["weight_decay"] = wd
+            g["scheduled_wd"] = True

@@ -27,7 +27,7 @@ from pipeline.methods import registry
 from pipeline.models.backbones import build_backbone
 from pipeline.params import ParamError, PipelineError, method_config
 from pipeline.train import dist
-from pipeline.train.optim import build_optimizer, lr_at, peak_lr, set_lr
+from pipeline.train.optim import build_optimizer, cosine_ramp, lr_at, peak_lr, set_lr, set_weight_decay
 from pipeline.utils import atomic_torch_save, atomic_write_json, atomic_write_text, pick_device
 
 # train keys that change how fast a run goes, not what it computes: they may differ on resume
@@ -111,6 +111,26 @@ def _check_finite(out: dict, progress: Progress, run: str) -> None:
         bad = {k: float(v) for k, v in out.items() if not math.isfinite(float(v))} or {"(another rank)": float("nan")}
         raise TrainingError(f"{run}: non-finite loss at epoch {progress.epoch + 1}, step {progress.step} "
                             f"(step {progress.step_in_epoch} of the epoch): " + ", ".join(f"{k}={v}" for k, v in bad.items()))
+
+
+def train_step(model: nn.Module, method: nn.Module, opt, scaler, batch, amp_dtype, grad_clip: float, progress: float,
+               check=None) -> dict:
+    """One optimisation step: forward (under autocast on CUDA), guard, backward, clip, step, EMA updates."""
+    device_type = batch.views[0].device.type
+    with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out = model(batch)
+    if check is not None:
+        check(out)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(out["loss"]).backward()
+    if grad_clip > 0:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(method.parameters(), grad_clip)
+    method.before_optimizer_step()
+    scaler.step(opt)
+    scaler.update()
+    method.after_step(progress)
+    return out
 
 
 def _write_curve(history: list, path: Path) -> None:
@@ -211,18 +231,12 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
         t_last = time.perf_counter()
         for batch in loader:
             set_lr(opt, lr_at(progress.step, total_steps, warmup, peak, train_cfg["min_lr_ratio"]))
+            if "weight_decay_end" in train_cfg:
+                set_weight_decay(opt, cosine_ramp(train_cfg["weight_decay"], train_cfg["weight_decay_end"], progress.step / total_steps))
+            method.set_progress(progress.step / total_steps, progress.epoch + progress.step_in_epoch / steps_per_epoch)
             batch = batch.to(device, channels_last=channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = model(batch)
-            _check_finite(out, progress, run)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
-            if train_cfg["grad_clip"] > 0:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(method.parameters(), train_cfg["grad_clip"])
-            scaler.step(opt)
-            scaler.update()
-            method.after_step((progress.step + 1) / total_steps)
+            out = train_step(model, method, opt, scaler, batch, amp_dtype, train_cfg["grad_clip"],
+                             (progress.step + 1) / total_steps, check=lambda o: _check_finite(o, progress, run))
 
             now = time.perf_counter()
             progress.epoch_time_s += now - t_last

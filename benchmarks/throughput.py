@@ -1,0 +1,118 @@
+"""Training throughput vs the bare backbone, and the shard loader's own rate, measured in one run.
+
+    python benchmarks/throughput.py [--runs simclr mocov2] [--steps 15] [--out benchmarks/results/throughput-cpu.json]
+
+For each run of params.yaml (shards must exist: `dvc repro shard`):
+  ours    views/s of the trainer's real step (`train_step`: method forward with heads and loss, backward,
+          optimizer, EMA/queue updates) fed by the real DataLoader over the shards, workers included;
+  bare    views/s of the bare backbone doing the same passes on the same views and batch: forward +
+          backward for views the method trains through, forward only for momentum-encoder views;
+  loader  views/s of the DataLoader alone (decode + augmentation), i.e. what training could consume.
+Reported: ours / bare (target >= 0.90 on CPU) and loader / ours (target >= 3).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline import params as P  # noqa: E402
+from pipeline.data.loader import ShardStream, make_loader  # noqa: E402
+from pipeline.data.shards import read_meta  # noqa: E402
+from pipeline.train.optim import build_optimizer  # noqa: E402
+from pipeline.train.trainer import build_method, train_step  # noqa: E402
+from pipeline.utils import atomic_write_json  # noqa: E402
+
+# which views a method's backbone trains through (fwd+bwd) and which only a momentum encoder sees (fwd)
+PASSES = {"simclr": lambda c: (2, 0), "mocov2": lambda c: (2 if c["symmetric"] else 1, 2 if c["symmetric"] else 1)}
+
+
+def timed(fn, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t) / steps
+
+
+def bench_run(p: dict, run: str, steps: int) -> dict:
+    torch.manual_seed(0)
+    method, train_cfg, _ = build_method(p, run)
+    name = p["runs"][run]["method"]
+    meta = read_meta(Path("data/shards") / p["dataset"]["name"])
+    bs = train_cfg["batch_size"]
+    stream = ShardStream(Path("data/shards") / p["dataset"]["name"], method.views(), p["dataset"]["mean"], p["dataset"]["std"],
+                         bs, meta["counts"]["train"], bs, p["seed"], subset=train_cfg["train_subset"],
+                         shuffle_buffer=train_cfg["shuffle_buffer"])
+    n_views = len(method.views())
+
+    def batches():
+        for epoch in itertools.count():
+            stream.set_epoch(epoch)
+            yield from make_loader(stream, train_cfg["num_workers"], pin_memory=False)
+
+    # loader alone
+    it = batches()
+    loader_s = timed(lambda: next(it), steps)
+    del it
+
+    # ours: the trainer's step on batches streamed by the real loader
+    opt = build_optimizer(method.param_groups(), train_cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    method.train()
+    it = batches()
+    ours_s = timed(lambda: train_step(method, method, opt, scaler, next(it), None, 0.0, 0.5), steps)
+    kept = next(it)
+    del it
+
+    # bare backbone: the same passes on the same views (in memory: no loading)
+    fb, fwd_only = PASSES[name](method.cfg)
+    bb = method.backbone
+    key_bb = getattr(method, "key_backbone", bb)
+    views = kept.views
+
+    def bare():
+        bb.zero_grad(set_to_none=True)
+        loss = sum(bb(views[i % n_views]).float().pow(2).mean() for i in range(fb))
+        loss.backward()
+        with torch.no_grad():
+            for i in range(fwd_only):
+                key_bb(views[(i + 1) % n_views])
+
+    bare_s = timed(bare, steps)
+    vps = lambda s: n_views * bs / s  # noqa: E731
+    return {"run": run, "method": name, "batch_size": bs, "views_per_step": n_views * bs,
+            "passes": {"forward_backward": fb, "forward_only": fwd_only}, "num_workers": train_cfg["num_workers"],
+            "ours_views_per_s": vps(ours_s), "bare_views_per_s": vps(bare_s), "loader_views_per_s": vps(loader_s),
+            "ratio_ours_over_bare": bare_s / ours_s, "ratio_loader_over_ours": ours_s / loader_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--runs", nargs="*", default=["simclr", "mocov2"])
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--out", default="benchmarks/results/throughput-cpu.json")
+    a = ap.parse_args()
+    p = P.load(a.params)
+    results = [bench_run(p, r, a.steps) for r in a.runs]
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+           "cuda": torch.cuda.is_available(), "steps": a.steps}
+    atomic_write_json({"env": env, "results": results}, a.out)
+    for r in results:
+        print(f"{r['run']:>8}: ours {r['ours_views_per_s']:.0f} views/s, bare backbone {r['bare_views_per_s']:.0f} "
+              f"-> ratio {r['ratio_ours_over_bare']:.3f}; loader alone {r['loader_views_per_s']:.0f} views/s "
+              f"= {r['ratio_loader_over_ours']:.2f}x what training consumes")
+
+
+if __name__ == "__main__":
+    main()

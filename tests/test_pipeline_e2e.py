@@ -1,0 +1,108 @@
+"""`dvc repro` of the tiny profile in a temporary copy of the project, on the real CIFAR-10 JPEGs."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+CIFAR = ROOT.parent / "shared/datasets/cifar10-jpg"
+COPY = ["dvc.yaml", "pipeline", "stages", "profiles", ".dvc/config", ".dvcignore", ".gitignore"]
+
+
+def sh(cmd, cwd, check=True):
+    r = subprocess.run(cmd, cwd=cwd, shell=True, capture_output=True, text=True)
+    if check and r.returncode:
+        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    if not CIFAR.is_dir():
+        pytest.skip(f"{CIFAR} not present")
+    dst = tmp_path_factory.mktemp("e2e") / "proj"
+    dst.mkdir()
+    for item in COPY:
+        src = ROOT / item
+        (dst / item).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / item)
+    for p in dst.rglob("__pycache__"):
+        shutil.rmtree(p)
+    sh("git init -q && python -m pipeline.profile tiny", dst)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["dataset"]["root"] = str(CIFAR)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("dvc repro", dst)
+    return dst
+
+
+RUNS = ("simclr", "mocov2", "random-resnet18_w8")
+
+
+def test_every_stage_wrote_its_outputs(project):
+    shards = project / "data/shards/cifar10-tiny"
+    assert len(list((shards / "train").glob("*.tar"))) == 4 and (shards / "manifest.parquet").exists()
+    shard_metrics = json.loads((project / "reports/metrics/shard.json").read_text())
+    assert shard_metrics["images"] == {"train": 1000, "test": 1000} and shard_metrics["skipped_corrupt"] == 0
+    for run in RUNS:
+        assert (project / f"data/models/{run}/encoder.pt").exists()
+        feats = np.load(project / f"data/features/{run}/train.npz")
+        assert feats["feats"].shape == (1000, 64)  # ResNet-18 at width 8: 8 * 8 channels
+        ev = json.loads((project / f"reports/metrics/evaluate/{run}.json").read_text())
+        assert set(ev["knn"]) == {"10", "20", "200"} and 10 <= ev["linear"]["top1"] <= 100
+        assert set(ev["semi"]["0.1"]) == {"logreg", "label_spreading"}
+        pre = json.loads((project / f"reports/metrics/pretrain/{run}.json").read_text())
+        assert pre["steps"] == (0 if run.startswith("random") else 1000 // 64)
+    assert "loss" in (project / "reports/plots/pretrain/simclr.csv").read_text().splitlines()[0]
+
+
+def test_report_lists_both_methods_and_the_floor(project):
+    md = (project / "reports/report.md").read_text()
+    for run in RUNS:
+        assert run in md
+    html = (project / "reports/report.html").read_text()
+    assert "data:image/png;base64," in html
+    assert sh("dvc status", project).stdout.strip().endswith("up to date.")
+
+
+def test_params_changes_touch_only_their_stages(project):
+    """Each stage lists exactly the params it reads: edit one key, see which stages go stale."""
+    path = project / "params.yaml"
+    original = path.read_text()
+
+    def stale_after(key_path, value):
+        p = yaml.safe_load(original)
+        node = p
+        for k in key_path[:-1]:
+            node = node[k]
+        node[key_path[-1]] = value
+        path.write_text(yaml.safe_dump(p, sort_keys=False))
+        try:
+            out = sh("dvc status --json", project).stdout
+        finally:
+            path.write_text(original)
+        return set(json.loads(out))
+
+    assert stale_after(["evaluate", "knn_temperature"], 0.07) == {f"evaluate@{r}" for r in RUNS}
+    assert stale_after(["methods", "simclr", "temperature"], 0.2) == {"pretrain@simclr"}
+    assert stale_after(["report", "title"], "x") == {"report"}
+    assert stale_after(["train", "lr"], 0.1) == {f"pretrain@{r}" for r in RUNS}
+
+
+def test_bad_param_fails_before_compute_in_one_line(project):
+    path = project / "params.yaml"
+    original = path.read_text()
+    try:
+        path.write_text(original.replace("batch_size: 64", "batch_size: -64"))
+        r = sh("python stages/pretrain.py simclr", project, check=False)
+    finally:
+        path.write_text(original)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "error: params.yaml: train.batch_size: expected an integer >= 1, got -64"
