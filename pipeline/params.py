@@ -46,12 +46,12 @@ def Float(min: float | None = None, max: float | None = None, open_min: bool = F
     def check(v, key):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             _fail(key, "a number", v)
-        v = float(v)
+        given, v = v, float(v)
         bad_min = min is not None and (v <= min if open_min else v < min)
         if bad_min or (max is not None and v > max):
             lo = f"{'>' if open_min else '>='} {min}" if min is not None else ""
             hi = f"<= {max}" if max is not None else ""
-            _fail(key, f"a number {lo}{' and ' if lo and hi else ''}{hi}", v)
+            _fail(key, f"a number {lo}{' and ' if lo and hi else ''}{hi}", given)
         return v
     return check
 

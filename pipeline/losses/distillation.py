@@ -1,0 +1,52 @@
+"""Self-distillation losses (pure functions of tensors; no project imports).
+
+DINO (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers"): the student
+matches the teacher's centred, sharpened distribution over K prototypes. The pieces are exposed
+separately so that patch-level variants (PW-Self) can apply the same cross-entropy to matched tokens.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def teacher_probs(teacher_logits: torch.Tensor, center: torch.Tensor, tau_t: float) -> torch.Tensor:
+    """DINO eq. 1 teacher side with centring and sharpening (§3.1): P_t = softmax((g_t(x) - C) / tau_t).
+    No gradient flows to the teacher (stop-gradient, Alg. 1). Computed in float32 (tau_t ~ 0.04 under AMP)."""
+    return F.softmax((teacher_logits.detach().float() - center.float()) / tau_t, dim=-1)
+
+
+def soft_cross_entropy(p_teacher: torch.Tensor, student_logits: torch.Tensor, tau_s: float) -> torch.Tensor:
+    """H(P_t, P_s) = -sum_k P_t^k log P_s^k with P_s = softmax(g_s(x') / tau_s) (DINO eq. 1-2), per row
+    (no reduction over the leading dims), so token-level losses can mask or weight the rows."""
+    return -(p_teacher * F.log_softmax(student_logits.float() / tau_s, dim=-1)).sum(dim=-1)
+
+
+def dino_loss(teacher_logits: Sequence[torch.Tensor], student_logits: Sequence[torch.Tensor], center: torch.Tensor,
+              tau_t: float, tau_s: float) -> torch.Tensor:
+    """DINO eq. 3 / Alg. 1: sum over teacher views x in {x1_g, x2_g} and student views x' != x of
+    H(P_t(x), P_s(x')), averaged over the pairs and the batch.
+
+    teacher_logits: one (B, K) tensor per global view (the teacher sees the global views only);
+    student_logits: one (B, K) tensor per view, the global views first in the same order, so the pair
+    (i, i) is the same view seen by both networks and is skipped.
+    """
+    total, pairs = 0.0, 0
+    for i, t in enumerate(teacher_logits):
+        p = teacher_probs(t, center, tau_t)
+        for j, s in enumerate(student_logits):
+            if j == i:
+                continue
+            total = total + soft_cross_entropy(p, s, tau_s).mean()
+            pairs += 1
+    if pairs == 0:
+        raise ValueError("dino_loss: no (teacher view, different student view) pair")
+    return total / pairs
+
+
+def ema_center(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) -> torch.Tensor:
+    """DINO centring update (§3.1, eq. 4): C <- m C + (1 - m) * (1/B) sum_i g_t(x_i), with the mean taken
+    over the whole (global) batch of teacher outputs."""
+    return center * momentum + batch_mean.to(center.dtype) * (1 - momentum)

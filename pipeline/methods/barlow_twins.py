@@ -1,0 +1,36 @@
+"""Barlow Twins (Zbontar et al. 2021, "Barlow Twins: Self-Supervised Learning via Redundancy Reduction").
+
+Two views, a shared encoder + projector (paper §2: 3 Linear layers of 8192, Linear-BN-ReLU twice, the
+last plain), and the cross-correlation loss of eq. 1 between the two batches of embeddings, each
+standardised per dimension over the *global* batch. Means, variances and C are summed over ranks with an
+autograd-aware all-reduce (see pipeline/losses/redundancy.py), so the DDP gradient equals the
+single-process gradient on the concatenated batch.
+"""
+from __future__ import annotations
+
+from pipeline.losses.redundancy import barlow_twins_terms
+from pipeline.methods.base import Method, build_projector, projector_params
+from pipeline.methods.registry import register
+from pipeline.params import Float
+from pipeline.train import dist
+
+
+@register("barlow_twins")
+class BarlowTwins(Method):
+    PARAMS = {"lambd": Float(0), **projector_params()}
+    DEFAULTS = {"lambd": 5e-3, "proj_hidden": 8192, "proj_dim": 8192, "proj_layers": 3}
+
+    def __init__(self, backbone, cfg, augment, image_size):
+        super().__init__(backbone, cfg, augment, image_size)
+        self.projector = build_projector(self)
+
+    def embed(self, x):
+        return self.projector(self.backbone(x))
+
+    def forward(self, batch):
+        z1, z2 = (self.embed(v) for v in batch.views[:2])
+        on, off = barlow_twins_terms(z1, z2, all_reduce=dist.all_reduce_sum_with_grad)
+        return {"loss": on + self.cfg["lambd"] * off, "on_diag": on, "off_diag": off}
+
+    def heads_to_export(self):
+        return {"projector": self.projector}
