@@ -92,3 +92,22 @@ def test_killed_process_resumes_from_its_checkpoint(tmp_path, shard_dir):
     train(params(epochs), "mocov2", root=ref)
     assert_same_state(final_state(ref), final_state(proj))
     assert json.loads((proj / "reports/metrics/pretrain/mocov2.json").read_text())["steps"] == 3 * epochs
+
+
+def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shard_dir, monkeypatch):
+    from pipeline.methods.simclr import SimCLR
+    from pipeline.train.trainer import TrainingError
+
+    real = SimCLR.forward
+
+    def poisoned(self, batch):
+        out = real(self, batch)
+        if self.progress > 0.3:  # finite at first, then Inf in one term
+            out["nt_xent"] = out["nt_xent"] * float("inf")
+            out["loss"] = out["nt_xent"]
+        return out
+
+    monkeypatch.setattr(SimCLR, "forward", poisoned)
+    root = project(tmp_path, "nan", shard_dir)
+    with __import__("pytest").raises(TrainingError, match=r"simclr: non-finite loss at epoch 1, step 1 .*nt_xent=inf"):
+        train(params(epochs=1), "simclr", root=root)

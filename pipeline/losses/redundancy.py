@@ -29,6 +29,10 @@ def identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _at_least_fp32(z: torch.Tensor) -> torch.Tensor:
+    return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
 def _no_autocast(z: torch.Tensor):
     return torch.autocast(device_type=z.device.type, enabled=False)
 
@@ -44,9 +48,9 @@ def batch_standardize(zs: Sequence[torch.Tensor], all_reduce: AllReduce = identi
     identical views give C_ii = 1. All tensors must share N; their statistics travel in one packed
     reduction per pass (means, then variances: two passes for numerical stability).
 
-    Returns the standardised tensors (float32) and the global count N (a detached scalar tensor).
+    Returns the standardised tensors (float32 or wider) and the global count N (a detached scalar tensor).
     """
-    zs = [z.float() for z in zs]
+    zs = [_at_least_fp32(z) for z in zs]
     with _no_autocast(zs[0]):
         count = zs[0].new_tensor([zs[0].shape[-2]])
         sums = all_reduce(torch.cat([z.sum(-2).flatten() for z in zs] + [count]))
@@ -72,7 +76,7 @@ def cross_correlation(a: torch.Tensor, b: torch.Tensor, n: torch.Tensor, all_red
     """Barlow Twins eq. 2: C_ij = sum_b a_{b,i} b_{b,j} / N over the global batch, for standardised a, b
     (..., N, D); leading dimensions broadcast. Returns (..., D, D)."""
     with _no_autocast(a):
-        return all_reduce(a.float().transpose(-1, -2) @ b.float()) / n
+        return all_reduce(_at_least_fp32(a).transpose(-1, -2) @ _at_least_fp32(b)) / n
 
 
 def redundancy_terms(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +114,7 @@ def vicreg_terms(z_a: torch.Tensor, z_b: torch.Tensor, all_reduce: AllReduce = i
       covariance c(Z) + c(Z'), c(Z) = 1/D sum_{i != j} C(Z)_ij^2                      (eq. 4)
     with C(Z) = 1/(N-1) sum_b (z_b - zbar)(z_b - zbar)^T (eq. 3) and Var its diagonal (unbiased).
     Two packed reductions: [sum z, sum z', sum ||z - z'||^2, N], then both centred scatter matrices."""
-    z_a, z_b = z_a.float(), z_b.float()
+    z_a, z_b = _at_least_fp32(z_a), _at_least_fp32(z_b)
     d = z_a.shape[-1]
     with _no_autocast(z_a):
         count = z_a.new_tensor([z_a.shape[0]])
