@@ -152,7 +152,7 @@ TRAIN_KEYS: dict[str, Validator] = {
     "weight_decay_end": Float(0),
 }
 TRAIN = Section(TRAIN_KEYS, optional=("lr_scaling", "weight_decay_end"))
-RUN = Section({"method": Str(), "backbone": Str()})
+RUN = Section({"method": Str(), "backbone": Str(), "overrides": lambda v, k: v}, optional=("overrides",))
 EVALUATE = Section({
     "batch_size": Int(1), "knn_k": List(Int(1), min_len=1), "knn_temperature": Float(0, open_min=True),
     "linear_C": List(Float(0, open_min=True), min_len=1), "linear_val_fraction": Float(0, 0.9, open_min=True),
@@ -175,16 +175,13 @@ def validate(raw: dict) -> dict:
     from pipeline.methods import registry  # late: the registry imports torch
 
     for name, block in p["methods"].items():
-        cls = registry.get(name, key=f"methods.{name}")
-        block = dict(block or {})
-        train_over = block.pop("train", None)
-        checked = Section(cls.PARAMS, optional=tuple(cls.PARAMS))(block, f"methods.{name}")
-        if train_over is not None:
-            checked["train"] = Section(TRAIN_KEYS, optional=tuple(TRAIN_KEYS))(train_over, f"methods.{name}.train")
-        p["methods"][name] = checked
+        registry.get(name, key=f"methods.{name}")
+        p["methods"][name] = _method_block(name, block, f"methods.{name}")
     for run, spec in p["runs"].items():
         if spec["method"] not in p["methods"]:
             raise ParamError(f"runs.{run}.method: {spec['method']!r} has no block under methods (have: {', '.join(p['methods'])})")
+        if "overrides" in spec:
+            spec["overrides"] = _method_block(spec["method"], spec["overrides"], f"runs.{run}.overrides")
         if spec["backbone"] not in p["backbones"]:
             raise ParamError(f"runs.{run}.backbone: {spec['backbone']!r} is not defined under backbones (have: {', '.join(p['backbones'])})")
     for name, bb in p["backbones"].items():
@@ -193,6 +190,19 @@ def validate(raw: dict) -> dict:
     if max(p["evaluate"]["knn_k"]) < 1:
         raise ParamError("evaluate.knn_k: expected at least one k >= 1")
     return p
+
+
+def _method_block(method: str, block: dict | None, key: str) -> dict:
+    """A method's block (or a run's overrides of it) against that method's PARAMS; `train` overrides the trainer."""
+    from pipeline.methods import registry
+
+    cls = registry.get(method, key=key)
+    block = dict(block or {})
+    train_over = block.pop("train", None)
+    checked = Section(cls.PARAMS, optional=tuple(cls.PARAMS))(block, key)
+    if train_over is not None:
+        checked["train"] = Section(TRAIN_KEYS, optional=tuple(TRAIN_KEYS))(train_over, f"{key}.train")
+    return checked
 
 
 def load(path: str | Path = "params.yaml") -> dict:
@@ -211,12 +221,18 @@ def load(path: str | Path = "params.yaml") -> dict:
 
 
 def method_config(p: dict, run: str) -> tuple[str, dict, dict, dict]:
-    """(method name, method block, merged train settings, backbone block) for one run."""
+    """(method name, method block, merged train settings, backbone block) for one run.
+
+    A run may override its method's block (`runs.<run>.overrides`), e.g. DINO on a ViT with AdamW beside
+    DINO on a ResNet with SGD; overrides are validated against the method's schema like the block itself."""
     if run not in p["runs"]:
         raise ParamError(f"runs.{run}: no such run (have: {', '.join(p['runs'])})")
     spec = p["runs"][run]
-    block = dict(p["methods"][spec["method"]])
-    train = {**p["train"], **block.pop("train", {})}
+    over = dict(spec.get("overrides", {}))
+    block = {**p["methods"][spec["method"]], **over}
+    # trainer settings: shared train <- the method's train <- the run's train
+    train = {**p["train"], **p["methods"][spec["method"]].get("train", {}), **over.get("train", {})}
+    block.pop("train", None)
     return spec["method"], block, train, p["backbones"][spec["backbone"]]
 
 

@@ -193,10 +193,12 @@ def test_default_projector_is_the_papers_three_layers_of_8192():
 # --- DDP: gloo, 2 processes ----------------------------------------------------------------------
 
 def plain_all_reduce(x):
-    """The known bug: a sum over ranks that autograd does not see (gradients reach only the local part)."""
-    x = x.clone()
-    dist.all_reduce(x)
-    return x
+    """The known bug: an in-place dist.all_reduce, which autograd does not see: the value is the global
+    sum, the gradient reaches only the local part. Written as a straight-through sum (same gradients,
+    without torch's warning about backpropagating through c10d::allreduce_)."""
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return x + (total - x.detach())
 
 
 def _ddp_worker(rank, port, out):
@@ -247,5 +249,6 @@ def test_plain_all_reduce_gives_wrong_ddp_gradients(ddp_grads, name):
     above can fail."""
     want = single_process_grads(name)
     got = ddp_grads[0][name, "plain"]
-    rel = max(((got[n] - g).norm() / g.norm()).item() for n, g in want.items())
-    assert rel > 0.05, rel
+    diff = torch.cat([(got[n] - g).flatten() for n, g in want.items()])
+    rel = (diff.norm() / torch.cat([g.flatten() for g in want.values()]).norm()).item()
+    assert rel > 0.2, rel  # about 0.5 here: the gradients come out roughly halved (1 / world_size)

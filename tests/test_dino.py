@@ -209,8 +209,8 @@ def _center_worker(rank, port, out):
     b = views[0].shape[0] // WORLD
     method.set_progress(0.0, 5.0)
     model(batch([v[rank * b:(rank + 1) * b] for v in views]))["loss"].backward()
-    torch.save({"center": method.center, "grads": {n: p.grad for n, p in method.named_parameters() if p.grad is not None}},
-               f"{out}/rank{rank}.pt")
+    grads = {n: p.grad for n, p in method.named_parameters() if p.grad is not None}
+    torch.save({"center": method.center, "grads": grads}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 

@@ -73,3 +73,18 @@ def test_missing_or_broken_params_file(tmp_path):
     (tmp_path / "params.yaml").write_text("train: [1,\n")
     with pytest.raises(ParamError, match="not valid YAML"):
         load(tmp_path / "params.yaml")
+
+
+def test_run_overrides_merge_over_the_method_block_and_are_validated():
+    from pipeline.params import method_config
+
+    p = raw_cpu()
+    p["methods"]["simclr"]["train"] = {"lr": 0.3}
+    p["runs"]["simclr-t02"] = {"method": "simclr", "backbone": "resnet18_w16",
+                               "overrides": {"temperature": 0.2, "train": {"optimizer": "adam"}}}
+    name, block, train, _ = method_config(validate(p), "simclr-t02")
+    assert name == "simclr" and block["temperature"] == 0.2 and block["proj_dim"] == p["methods"]["simclr"]["proj_dim"]
+    assert train["optimizer"] == "adam" and train["lr"] == 0.3
+    p["runs"]["simclr-t02"]["overrides"] = {"temprature": 0.2}
+    with pytest.raises(ParamError, match=r"runs\.simclr-t02\.overrides\.temprature: unknown key"):
+        validate(p)

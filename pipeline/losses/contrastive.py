@@ -37,3 +37,15 @@ def info_nce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temper
     neg = q @ queue.t()
     logits = torch.cat([pos, neg], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+def info_nce_batch(queries: torch.Tensor, keys: torch.Tensor, positive: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NNCLR's InfoNCE (Dwibedi et al. 2021, eq. 3-4): for query i with positive key j,
+    L_i = -log( exp(q_i.k_j / t) / sum_k exp(q_i.k_k / t) ), q and k L2-normalised; mean over queries.
+
+    Unlike `nt_xent`, queries and keys are different sets (nearest neighbours vs the other view's
+    predictions), so nothing is masked: the denominator runs over every key, positive included.
+    keys (K, D) may be gathered from every rank; positive[q] indexes query q's positive among them."""
+    q = F.normalize(queries, dim=1)
+    k = F.normalize(keys, dim=1)
+    return F.cross_entropy(q @ k.t() / temperature, positive)

@@ -5,24 +5,34 @@ last plain), and the cross-correlation loss of eq. 1 between the two batches of 
 standardised per dimension over the *global* batch. Means, variances and C are summed over ranks with an
 autograd-aware all-reduce (see pipeline/losses/redundancy.py), so the DDP gradient equals the
 single-process gradient on the concatenated batch.
+Views: BYOL's asymmetric augmentations (§3, implementation details): blur p = 1.0 / 0.1 and solarisation
+p = 0.0 / 0.2 for the two views, set per view by `blur_p` / `solarize_p` (no blur at 32 px on CIFAR).
 """
 from __future__ import annotations
 
+from pipeline.data.views import ViewSpec
 from pipeline.losses.redundancy import barlow_twins_terms
 from pipeline.methods.base import Method, build_projector, projector_params
 from pipeline.methods.registry import register
-from pipeline.params import Float
+from pipeline.params import Float, List
 from pipeline.train import dist
 
 
 @register("barlow_twins")
 class BarlowTwins(Method):
-    PARAMS = {"lambd": Float(0), **projector_params()}
-    DEFAULTS = {"lambd": 5e-3, "proj_hidden": 8192, "proj_dim": 8192, "proj_layers": 3}
+    PARAMS = {"lambd": Float(0), "blur_p": List(Float(0, 1), 2), "solarize_p": List(Float(0, 1), 2),
+              **projector_params()}
+    DEFAULTS = {"lambd": 5e-3, "proj_hidden": 8192, "proj_dim": 8192, "proj_layers": 3,
+                "blur_p": [1.0, 0.1], "solarize_p": [0.0, 0.2]}
 
     def __init__(self, backbone, cfg, augment, image_size):
         super().__init__(backbone, cfg, augment, image_size)
         self.projector = build_projector(self)
+
+    def views(self) -> list[ViewSpec]:
+        c = self.cfg
+        return [ViewSpec.from_augment(self.augment, self.image_size, blur_p=c["blur_p"][i], solarize_p=c["solarize_p"][i])
+                for i in range(2)]
 
     def embed(self, x):
         return self.projector(self.backbone(x))

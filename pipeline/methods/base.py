@@ -62,6 +62,10 @@ class Method(nn.Module):
             (no_decay if p.ndim <= 1 else decay).append(p)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
 
+    def encoder_to_export(self) -> nn.Module:
+        """The backbone that evaluation and mining use (self-distillation methods export the teacher)."""
+        return self.backbone
+
     def heads_to_export(self) -> dict[str, nn.Module]:
         """Heads saved with the encoder artifact (e.g. a projector that mining may encode with)."""
         return {}

@@ -12,7 +12,7 @@ As in the paper's released code, the last layer is frozen for the first epoch to
 Works on a ResNet (pooled features) and a timm ViT (CLS token). Token access is factored out
 (`student_tokens` / `teacher_tokens` return (B, 1 + N, D) per view; a ResNet gives N = 0) and the head,
 centring and cross-entropy are methods of their own, so a patch-level subclass (PW-Self) reuses them on
-patch tokens. DINO evaluates the teacher: it is exported as the head `teacher_backbone`.
+patch tokens. DINO evaluates the teacher: it is the exported encoder (`encoder_to_export`).
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ class WeightNormLinear(nn.Module):
     """Bias-free linear layer with weight normalisation, W_k = g_k v_k / ||v_k|| (the DINO head's last
     layer). Written out rather than torch's weight_norm hook so deepcopy (teacher) and state_dict are plain.
     `fix_norm` (norm_last_layer in the paper's code) keeps g = 1: unit-norm prototypes, which that code
-    notes is more stable (off can train better on small ViTs). g is 1-D, so the base param_groups() leaves it out of weight decay."""
+    notes is more stable (off can train better on small ViTs). g is 1-D, so the base param_groups()
+    leaves it out of weight decay."""
 
     def __init__(self, in_dim: int, out_dim: int, fix_norm: bool):
         super().__init__()
@@ -107,8 +108,8 @@ class DINO(Method):
             return ViewSpec.from_augment(self.augment, size, crop_scale=tuple(scale), blur_p=c["blur_p"][kind],
                                          solarize_p=c["solarize_p"][kind])
 
-        local = spec(c["local_size"], c["local_scale"], 2)
-        return [spec(self.image_size, c["global_scale"], 0), spec(self.image_size, c["global_scale"], 1)] + [local] * c["n_local"]
+        global_views = [spec(self.image_size, c["global_scale"], k) for k in range(self.N_GLOBAL)]
+        return global_views + [spec(c["local_size"], c["local_scale"], 2)] * c["n_local"]
 
     # --- encoders: reusable by patch-level subclasses ---------------------------------------------
     @staticmethod
@@ -156,7 +157,8 @@ class DINO(Method):
         return c["teacher_temp"]
 
     def dino_ce(self, teacher_logits: list[torch.Tensor], student_logits: list[torch.Tensor],
-                center: torch.Tensor | None = None, tau_t: float | None = None, tau_s: float | None = None) -> torch.Tensor:
+                center: torch.Tensor | None = None, tau_t: float | None = None,
+                tau_s: float | None = None) -> torch.Tensor:
         """DINO eq. 3 with this run's centre and temperatures unless given."""
         return dino_loss(teacher_logits, student_logits, self.center if center is None else center,
                          self.teacher_temp() if tau_t is None else tau_t,
@@ -194,6 +196,9 @@ class DINO(Method):
         ema_update(self.teacher_backbone, self.backbone, m)
         ema_update(self.teacher_head, self.head, m)
 
+    def encoder_to_export(self):
+        # the paper evaluates the teacher, which outperforms the student during training
+        return self.teacher_backbone
+
     def heads_to_export(self):
-        # the paper evaluates the teacher, which outperforms the student during training (§5.2, Fig. 6)
-        return {"head": self.head, "teacher_backbone": self.teacher_backbone}
+        return {"head": self.teacher_head}

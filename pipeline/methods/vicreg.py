@@ -5,26 +5,35 @@ last plain), and eq. 6: lambda * invariance + mu * [v(Z) + v(Z')] + nu * [c(Z) +
 nu = 1. Means, variances and covariances are those of the *global* batch, summed over ranks with an
 autograd-aware all-reduce, so the DDP gradient equals the single-process gradient on the concatenated
 batch. The paper's sum over branches is used; the authors' code halves the variance term (set
-var_weight: 12.5 to match it).
+var_weight: 12.5 to match it). Views: BYOL's asymmetric augmentations (appendix C.1): blur p = 1.0 / 0.1,
+solarisation p = 0.0 / 0.2, set per view by `blur_p` / `solarize_p` (no blur at 32 px on CIFAR).
 """
 from __future__ import annotations
 
+from pipeline.data.views import ViewSpec
 from pipeline.losses.redundancy import vicreg_terms
 from pipeline.methods.base import Method, build_projector, projector_params
 from pipeline.methods.registry import register
-from pipeline.params import Float
+from pipeline.params import Float, List
 from pipeline.train import dist
 
 
 @register("vicreg")
 class VICReg(Method):
-    PARAMS = {"inv_weight": Float(0), "var_weight": Float(0), "cov_weight": Float(0), **projector_params()}
+    PARAMS = {"inv_weight": Float(0), "var_weight": Float(0), "cov_weight": Float(0), "blur_p": List(Float(0, 1), 2),
+              "solarize_p": List(Float(0, 1), 2), **projector_params()}
     DEFAULTS = {"inv_weight": 25.0, "var_weight": 25.0, "cov_weight": 1.0,
-                "proj_hidden": 8192, "proj_dim": 8192, "proj_layers": 3}
+                "proj_hidden": 8192, "proj_dim": 8192, "proj_layers": 3,
+                "blur_p": [1.0, 0.1], "solarize_p": [0.0, 0.2]}
 
     def __init__(self, backbone, cfg, augment, image_size):
         super().__init__(backbone, cfg, augment, image_size)
         self.projector = build_projector(self)
+
+    def views(self) -> list[ViewSpec]:
+        c = self.cfg
+        return [ViewSpec.from_augment(self.augment, self.image_size, blur_p=c["blur_p"][i], solarize_p=c["solarize_p"][i])
+                for i in range(2)]
 
     def embed(self, x):
         return self.projector(self.backbone(x))

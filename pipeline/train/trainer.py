@@ -282,7 +282,7 @@ def _finish(method, backbone_cfg, image_size, paths: RunPaths, progress: Progres
     if dist.is_main():
         from pipeline.models.encoder_io import save_encoder
 
-        save_encoder(paths.encoder, method.backbone, backbone_cfg, image_size, meta=summary, heads=method.heads_to_export())
+        save_encoder(paths.encoder, method.encoder_to_export(), backbone_cfg, image_size, meta=summary, heads=method.heads_to_export())
         if not trained:
             atomic_write_text("epoch,step,loss\n", paths.curve)  # untrained: an empty curve
         atomic_write_json(summary, paths.metrics)

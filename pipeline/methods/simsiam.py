@@ -1,0 +1,46 @@
+"""SimSiam (Chen & He 2021, "Exploring Simple Siamese Representation Learning").
+
+One encoder f = backbone + projection MLP (§4 "Projection MLP": 3 layers of 2048, BN on every layer, the
+output's BN without ReLU; 2 layers in the paper's CIFAR experiments, App. D) and a bottleneck prediction MLP
+h (2048 -> 512 -> 2048, BN on the hidden layer only). Loss (eq. 1-3, Alg. 1):
+L = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2 with D the negative cosine; there is no momentum encoder, the
+stop-gradient alone prevents collapse. Per-sample terms, so DDP's gradient mean is the global-batch gradient.
+Views: the shared augment (the paper uses MoCo-v2's symmetric augmentation).
+
+Not implemented: the paper keeps the predictor's lr fixed (not decayed; §4, Table 1 "fixed lr of h"), a
+small gain; the trainer's schedule decays every parameter group alike.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.losses.predictive import negative_cosine
+from pipeline.methods.base import Method, build_projector, projector_params
+from pipeline.methods.registry import register
+from pipeline.models.heads import mlp
+from pipeline.params import Int
+
+
+@register("simsiam")
+class SimSiam(Method):
+    PARAMS = {"pred_hidden": Int(1), **projector_params()}
+    DEFAULTS = {"proj_hidden": 2048, "proj_dim": 2048, "proj_layers": 3, "pred_hidden": 512}
+
+    def __init__(self, backbone, cfg, augment, image_size):
+        super().__init__(backbone, cfg, augment, image_size)
+        c = self.cfg
+        self.projector = build_projector(self, last_bn=True)
+        self.predictor = mlp(c["proj_dim"], c["pred_hidden"], c["proj_dim"], 2)
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, p): the projection (the stop-gradient target for the other view) and its prediction."""
+        z = self.projector(self.backbone(x))
+        return z, self.predictor(z)
+
+    def forward(self, batch):
+        (z1, p1), (z2, p2) = (self.embed(v) for v in batch.views[:2])
+        loss = negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
+        return {"loss": loss, "neg_cosine": loss}
+
+    def heads_to_export(self):
+        return {"projector": self.projector}
