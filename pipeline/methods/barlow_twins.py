@@ -1,7 +1,7 @@
 """Barlow Twins (Zbontar et al. 2021, "Barlow Twins: Self-Supervised Learning via Redundancy Reduction").
 
-Two views, a shared encoder + projector (paper §2: 3 Linear layers of 8192, Linear-BN-ReLU twice, the
-last plain), and the cross-correlation loss of eq. 1 between the two batches of embeddings, each
+Two views, a shared encoder + projector (§3, implementation details: 3 Linear layers of 8192,
+Linear-BN-ReLU twice, the last plain), and the cross-correlation loss of eq. 1 between the two batches of embeddings, each
 standardised per dimension over the *global* batch. Means, variances and C are summed over ranks with an
 autograd-aware all-reduce (see pipeline/losses/redundancy.py), so the DDP gradient equals the
 single-process gradient on the concatenated batch.

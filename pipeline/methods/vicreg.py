@@ -1,12 +1,12 @@
 """VICReg (Bardes et al. 2022, "VICReg: Variance-Invariance-Covariance Regularization for SSL").
 
-Two views, a shared encoder + expander (paper §4.1: 3 Linear layers of 8192, Linear-BN-ReLU twice, the
-last plain), and eq. 6: lambda * invariance + mu * [v(Z) + v(Z')] + nu * [c(Z) + c(Z')], lambda = mu = 25,
-nu = 1. Means, variances and covariances are those of the *global* batch, summed over ranks with an
-autograd-aware all-reduce, so the DDP gradient equals the single-process gradient on the concatenated
-batch. The paper's sum over branches is used; the authors' code halves the variance term (set
-var_weight: 12.5 to match it). Views: BYOL's asymmetric augmentations (appendix C.1): blur p = 1.0 / 0.1,
-solarisation p = 0.0 / 0.2, set per view by `blur_p` / `solarize_p` (no blur at 32 px on CIFAR).
+Two views, a shared encoder + expander (§4.1 and appendix C: 3 Linear layers of 8192, Linear-BN-ReLU
+twice, the last plain), and eq. 6: lambda * s(Z, Z') + mu * [v(Z) + v(Z')] + nu * [c(Z) + c(Z')] with
+lambda = mu = 25, nu = 1. Means, variances and covariances are those of the *global* batch, summed over
+ranks with an autograd-aware all-reduce, so the DDP gradient equals the single-process gradient on the
+concatenated batch. The paper's sum over branches is used; the authors' code halves the variance term
+(set var_weight: 12.5 to match it). Views: BYOL's asymmetric augmentations (appendix C.1): blur
+p = 1.0 / 0.1, solarisation p = 0.0 / 0.2, set per view by `blur_p` / `solarize_p` (no blur at 32 px).
 """
 from __future__ import annotations
 
