@@ -155,6 +155,7 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
     dist.init_from_env()
     device = pick_device()
     paths = RunPaths.for_run(root, run)
+    paths.checkpoint.parent.mkdir(parents=True, exist_ok=True)  # a DVC output even for runs that never checkpoint
     seed_everything(p["seed"])
     method, train_cfg, backbone_cfg = build_method(p, run)
     world, rank = dist.world_size(), dist.rank()
