@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import platform
 import sys
 import time
@@ -61,18 +60,16 @@ def bench_run(p: dict, run: str, steps: int) -> dict:
             yield from make_loader(stream, train_cfg["num_workers"], pin_memory=False)
 
     # loader alone
-    it = batches()
-    loader_s = timed(lambda: next(it), steps)
-    del it
+    loading = batches()
+    loader_s = timed(lambda: next(loading), steps)
 
     # ours: the trainer's step on batches streamed by the real loader
     opt = build_optimizer(method.param_groups(), train_cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     method.train()
-    it = batches()
-    ours_s = timed(lambda: train_step(method, method, opt, scaler, next(it), None, 0.0, 0.5), steps)
-    kept = next(it)
-    del it
+    training = batches()
+    ours_s = timed(lambda: train_step(method, method, opt, scaler, next(training), None, 0.0, 0.5), steps)
+    kept = next(training)
 
     # bare backbone: the same passes on the same views (in memory: no loading)
     fb, fwd_only = PASSES[name](method.cfg)

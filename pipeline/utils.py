@@ -17,19 +17,23 @@ def _tmp_beside(path: Path) -> str:
     return tmp
 
 
-def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    """Write to a temp file beside `path`, fsync, then rename: a reader never sees a partial file."""
+def atomic_write_with(path: str | Path, write) -> None:
+    """Call `write(fileobj)` on a temp file beside `path`, fsync, then rename: a reader never sees a partial file."""
     path = Path(path)
     tmp = _tmp_beside(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    atomic_write_with(path, lambda f: f.write(data))
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
@@ -41,14 +45,7 @@ def atomic_write_json(obj, path: str | Path) -> None:
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    path = Path(path)
-    tmp = _tmp_beside(path)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_with(path, lambda f: torch.save(obj, f))
 
 
 def pick_device() -> torch.device:

@@ -11,7 +11,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from pipeline.data.views import ViewSpec
 from pipeline.methods.mocov2 import MoCoV2
 from pipeline.methods.simclr import SimCLR
 

@@ -6,8 +6,6 @@ evaluate stage can be re-run (new k, new C grid, new seeds) without touching the
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from tqdm import tqdm
 from pipeline.data.shards import iter_split, read_manifest
 from pipeline.data.views import eval_transform
 from pipeline.params import DataError
+from pipeline.utils import atomic_write_with
 
 
 @torch.no_grad()
@@ -73,19 +72,8 @@ def save_features(path: str | Path, feats: np.ndarray, labels: np.ndarray, keys:
     keys_arr = np.asarray(list(keys), dtype=str)
     if not (len(feats) == len(labels) == len(keys_arr)) or feats.ndim != 2:
         raise ValueError(f"save_features: shapes disagree (feats {feats.shape}, labels {labels.shape}, keys {keys_arr.shape})")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # a file object (not a name) so numpy does not append another ".npz" to the temp name
-            np.savez(f, feats=feats, labels=labels, keys=keys_arr)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # a file object (not a name), so numpy does not append another ".npz" to the temp name
+    atomic_write_with(path, lambda f: np.savez(f, feats=feats, labels=labels, keys=keys_arr))
 
 
 def load_features(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:

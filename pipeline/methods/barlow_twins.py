@@ -10,37 +10,20 @@ p = 0.0 / 0.2 for the two views, set per view by `blur_p` / `solarize_p` (no blu
 """
 from __future__ import annotations
 
-from pipeline.data.views import ViewSpec
 from pipeline.losses.redundancy import barlow_twins_terms
-from pipeline.methods.base import Method, build_projector, projector_params
+from pipeline.methods.base import ProjectorMethod, projector_params, two_view_params
 from pipeline.methods.registry import register
-from pipeline.params import Float, List
+from pipeline.params import Float
 from pipeline.train import dist
 
 
 @register("barlow_twins")
-class BarlowTwins(Method):
-    PARAMS = {"lambd": Float(0), "blur_p": List(Float(0, 1), 2), "solarize_p": List(Float(0, 1), 2),
-              **projector_params()}
+class BarlowTwins(ProjectorMethod):
+    PARAMS = {"lambd": Float(0), **two_view_params(), **projector_params()}
     DEFAULTS = {"lambd": 5e-3, "proj_hidden": 8192, "proj_dim": 8192, "proj_layers": 3,
                 "blur_p": [1.0, 0.1], "solarize_p": [0.0, 0.2]}
 
-    def __init__(self, backbone, cfg, augment, image_size):
-        super().__init__(backbone, cfg, augment, image_size)
-        self.projector = build_projector(self)
-
-    def views(self) -> list[ViewSpec]:
-        c = self.cfg
-        return [ViewSpec.from_augment(self.augment, self.image_size, blur_p=c["blur_p"][i], solarize_p=c["solarize_p"][i])
-                for i in range(2)]
-
-    def embed(self, x):
-        return self.projector(self.backbone(x))
-
     def forward(self, batch):
-        z1, z2 = (self.embed(v) for v in batch.views[:2])
+        z1, z2 = (self.project(v) for v in batch.views[:2])
         on, off = barlow_twins_terms(z1, z2, all_reduce=dist.all_reduce_sum_with_grad)
         return {"loss": on + self.cfg["lambd"] * off, "on_diag": on, "off_diag": off}
-
-    def heads_to_export(self):
-        return {"projector": self.projector}

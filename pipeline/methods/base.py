@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline.data.views import ViewSpec
 from pipeline.models.heads import mlp
-from pipeline.params import Float, Int, Validator
+from pipeline.params import Float, Int, List, Validator
 
 
 class Method(nn.Module):
@@ -34,9 +34,14 @@ class Method(nn.Module):
         self.progress, self.epoch = 0.0, 0.0
 
     def views(self) -> list[ViewSpec]:
-        """Two augmented views of the whole image (SimCLR-style); methods with other views override."""
-        v = ViewSpec.from_augment(self.augment, self.image_size)
-        return [v, v]
+        """Two augmented views of the whole image (SimCLR-style); with per-view `blur_p` / `solarize_p` lists in
+        the method's block (`two_view_params`), BYOL's asymmetric pair. Methods with other views override."""
+        c = self.cfg
+        if "blur_p" not in c:
+            v = ViewSpec.from_augment(self.augment, self.image_size)
+            return [v, v]
+        return [ViewSpec.from_augment(self.augment, self.image_size, blur_p=c["blur_p"][i], solarize_p=c["solarize_p"][i])
+                for i in range(2)]
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -69,6 +74,27 @@ class Method(nn.Module):
     def heads_to_export(self) -> dict[str, nn.Module]:
         """Heads saved with the encoder artifact (e.g. a projector that mining may encode with)."""
         return {}
+
+
+class ProjectorMethod(Method):
+    """A method whose encoder is backbone + projection MLP (exported with the encoder, e.g. for mining)."""
+
+    PROJ_LAST_BN = False
+
+    def __init__(self, backbone, cfg, augment, image_size):
+        super().__init__(backbone, cfg, augment, image_size)
+        self.projector = build_projector(self, last_bn=self.PROJ_LAST_BN)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
+
+    def heads_to_export(self) -> dict[str, nn.Module]:
+        return {"projector": self.projector}
+
+
+def two_view_params() -> dict[str, Validator]:
+    """Per-view blur / solarisation probabilities (BYOL's asymmetric augmentation, its Table 6)."""
+    return {"blur_p": List(Float(0, 1), 2), "solarize_p": List(Float(0, 1), 2)}
 
 
 def projector_params() -> dict[str, Validator]:

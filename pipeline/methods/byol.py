@@ -12,36 +12,30 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.data.views import ViewSpec
 from pipeline.losses.predictive import normalized_mse
-from pipeline.methods.base import Method, build_projector, cosine_momentum, ema_update, momentum_copy, projector_params
+from pipeline.methods.base import (ProjectorMethod, cosine_momentum, ema_update, momentum_copy, projector_params,
+                                   two_view_params)
 from pipeline.methods.registry import register
 from pipeline.models.heads import mlp
-from pipeline.params import Float, Int, List
+from pipeline.params import Float, Int
 
 
 @register("byol")
-class BYOL(Method):
-    PARAMS = {"momentum": Float(0, 1), "pred_hidden": Int(1), "blur_p": List(Float(0, 1), 2),
-              "solarize_p": List(Float(0, 1), 2), **projector_params()}
+class BYOL(ProjectorMethod):
+    PARAMS = {"momentum": Float(0, 1), "pred_hidden": Int(1), **two_view_params(),
+              **projector_params()}
     DEFAULTS = {"momentum": 0.996, "proj_hidden": 4096, "proj_dim": 256, "proj_layers": 2, "pred_hidden": 4096,
                 "blur_p": [1.0, 0.1], "solarize_p": [0.0, 0.2]}
 
     def __init__(self, backbone, cfg, augment, image_size):
         super().__init__(backbone, cfg, augment, image_size)
         c = self.cfg
-        self.projector = build_projector(self)
         self.predictor = mlp(c["proj_dim"], c["pred_hidden"], c["proj_dim"], 2)
         self.target_backbone = momentum_copy(self.backbone)
         self.target_projector = momentum_copy(self.projector)
 
-    def views(self) -> list[ViewSpec]:
-        c = self.cfg
-        return [ViewSpec.from_augment(self.augment, self.image_size, blur_p=c["blur_p"][i], solarize_p=c["solarize_p"][i])
-                for i in range(2)]
-
     def online(self, x: torch.Tensor) -> torch.Tensor:
-        return self.predictor(self.projector(self.backbone(x)))
+        return self.predictor(self.project(x))
 
     @torch.no_grad()
     def target(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +56,3 @@ class BYOL(Method):
         m = self.target_momentum(progress)
         ema_update(self.target_backbone, self.backbone, m)
         ema_update(self.target_projector, self.projector, m)
-
-    def heads_to_export(self):
-        return {"projector": self.projector}

@@ -12,14 +12,14 @@ from __future__ import annotations
 import torch
 
 from pipeline.losses.contrastive import info_nce_queue
-from pipeline.methods.base import Method, build_projector, ema_update, momentum_copy, projector_params, temperature_param
+from pipeline.methods.base import ProjectorMethod, ema_update, momentum_copy, projector_params, temperature_param
 from pipeline.methods.memory import KeyQueue
 from pipeline.methods.registry import register
 from pipeline.params import Bool, Float, Int
 
 
 @register("mocov2")
-class MoCoV2(Method):
+class MoCoV2(ProjectorMethod):
     PARAMS = {"temperature": temperature_param(), "queue_size": Int(1), "momentum": Float(0, 1),
               "symmetric": Bool(), **projector_params()}
     DEFAULTS = {"temperature": 0.2, "queue_size": 65536, "momentum": 0.999, "symmetric": False,
@@ -27,13 +27,9 @@ class MoCoV2(Method):
 
     def __init__(self, backbone, cfg, augment, image_size):
         super().__init__(backbone, cfg, augment, image_size)
-        self.projector = build_projector(self)
         self.key_backbone = momentum_copy(self.backbone)
         self.key_projector = momentum_copy(self.projector)
         self.queue = KeyQueue(self.cfg["queue_size"], self.cfg["proj_dim"])
-
-    def query(self, x):
-        return self.projector(self.backbone(x))
 
     @torch.no_grad()
     def key(self, x):
@@ -42,11 +38,11 @@ class MoCoV2(Method):
     def forward(self, batch):
         x1, x2 = batch.views[:2]
         t = self.cfg["temperature"]
-        q1, k2 = self.query(x1), self.key(x2)
+        q1, k2 = self.project(x1), self.key(x2)
         loss = info_nce_queue(q1, k2, self.queue.keys, t)
         keys = [k2]
         if self.cfg["symmetric"]:
-            q2, k1 = self.query(x2), self.key(x1)
+            q2, k1 = self.project(x2), self.key(x1)
             loss = (loss + info_nce_queue(q2, k1, self.queue.keys, t)) / 2
             keys.append(k1)
         self._pending_keys = keys  # enqueued after backward: the loss's graph holds the current queue
@@ -59,6 +55,3 @@ class MoCoV2(Method):
         self._pending_keys = []
         ema_update(self.key_backbone, self.backbone, self.cfg["momentum"])
         ema_update(self.key_projector, self.projector, self.cfg["momentum"])
-
-    def heads_to_export(self):
-        return {"projector": self.projector}

@@ -18,13 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.views import ViewSpec
 from pipeline.losses.contrastive import info_nce_batch
-from pipeline.methods.base import Method, build_projector, projector_params, temperature_param
+from pipeline.methods.base import ProjectorMethod, projector_params, temperature_param, two_view_params
 from pipeline.methods.memory import KeyQueue
 from pipeline.methods.registry import register
 from pipeline.models.heads import mlp
-from pipeline.params import Float, Int, List
+from pipeline.params import Int
 from pipeline.train import dist
 
 
@@ -59,27 +58,23 @@ def nearest_neighbour(z: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
 
 
 @register("nnclr")
-class NNCLR(Method):
+class NNCLR(ProjectorMethod):
+    PROJ_LAST_BN = True
+
     PARAMS = {"temperature": temperature_param(), "support_size": Int(1), "pred_hidden": Int(1),
-              "blur_p": List(Float(0, 1), 2), "solarize_p": List(Float(0, 1), 2), **projector_params()}
+              **two_view_params(), **projector_params()}
     DEFAULTS = {"temperature": 0.1, "support_size": 98304, "proj_hidden": 2048, "proj_dim": 256, "proj_layers": 3,
                 "pred_hidden": 4096, "blur_p": [1.0, 0.1], "solarize_p": [0.0, 0.2]}
 
     def __init__(self, backbone, cfg, augment, image_size):
         super().__init__(backbone, cfg, augment, image_size)
         c = self.cfg
-        self.projector = build_projector(self, last_bn=True)
         self.predictor = mlp(c["proj_dim"], c["pred_hidden"], c["proj_dim"], 2, last_bn=True)
         self.support = SupportSet(c["support_size"], c["proj_dim"])
 
-    def views(self) -> list[ViewSpec]:
-        c = self.cfg
-        return [ViewSpec.from_augment(self.augment, self.image_size, blur_p=c["blur_p"][i], solarize_p=c["solarize_p"][i])
-                for i in range(2)]
-
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, p): the projection (looked up in the support set) and its prediction."""
-        z = self.projector(self.backbone(x))
+        z = self.project(x)
         return z, self.predictor(z)
 
     def forward(self, batch):
@@ -102,6 +97,3 @@ class NNCLR(Method):
         if pending is not None:
             self.support.push(pending)
         self._pending = None
-
-    def heads_to_export(self):
-        return {"projector": self.projector}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.losses.contrastive import nt_xent
-from pipeline.methods.base import Method, build_projector, projector_params, temperature_param
+from pipeline.methods.base import ProjectorMethod, projector_params, temperature_param
 from pipeline.methods.registry import register
 from pipeline.train import dist
 
@@ -29,21 +29,11 @@ def nt_xent_global(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> to
 
 
 @register("simclr")
-class SimCLR(Method):
+class SimCLR(ProjectorMethod):
     PARAMS = {"temperature": temperature_param(), **projector_params()}
     DEFAULTS = {"temperature": 0.5, "proj_hidden": 2048, "proj_dim": 128, "proj_layers": 2}
 
-    def __init__(self, backbone, cfg, augment, image_size):
-        super().__init__(backbone, cfg, augment, image_size)
-        self.projector = build_projector(self)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(x))
-
     def forward(self, batch):
-        z1, z2 = (self.embed(v) for v in batch.views[:2])
+        z1, z2 = (self.project(v) for v in batch.views[:2])
         loss = nt_xent_global(z1, z2, self.cfg["temperature"])
         return {"loss": loss, "nt_xent": loss}
-
-    def heads_to_export(self):
-        return {"projector": self.projector}

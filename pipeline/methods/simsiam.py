@@ -15,32 +15,30 @@ from __future__ import annotations
 import torch
 
 from pipeline.losses.predictive import negative_cosine
-from pipeline.methods.base import Method, build_projector, projector_params
+from pipeline.methods.base import ProjectorMethod, projector_params
 from pipeline.methods.registry import register
 from pipeline.models.heads import mlp
 from pipeline.params import Int
 
 
 @register("simsiam")
-class SimSiam(Method):
+class SimSiam(ProjectorMethod):
+    PROJ_LAST_BN = True
+
     PARAMS = {"pred_hidden": Int(1), **projector_params()}
     DEFAULTS = {"proj_hidden": 2048, "proj_dim": 2048, "proj_layers": 3, "pred_hidden": 512}
 
     def __init__(self, backbone, cfg, augment, image_size):
         super().__init__(backbone, cfg, augment, image_size)
         c = self.cfg
-        self.projector = build_projector(self, last_bn=True)
         self.predictor = mlp(c["proj_dim"], c["pred_hidden"], c["proj_dim"], 2)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, p): the projection (the stop-gradient target for the other view) and its prediction."""
-        z = self.projector(self.backbone(x))
+        z = self.project(x)
         return z, self.predictor(z)
 
     def forward(self, batch):
         (z1, p1), (z2, p2) = (self.embed(v) for v in batch.views[:2])
         loss = negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
         return {"loss": loss, "neg_cosine": loss}
-
-    def heads_to_export(self):
-        return {"projector": self.projector}
