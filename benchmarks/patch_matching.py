@@ -29,7 +29,7 @@ import torchvision.transforms as T
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.data.views import RATIO  # noqa: E402
-from pipeline.methods.patch_matching import match_patches, match_patches_reference, match_patches_shared  # noqa: E402
+from pipeline.data.patch_matching import match_patches, match_patches_reference, match_patches_shared  # noqa: E402
 from pipeline.utils import atomic_write_json  # noqa: E402
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.methods.patch_augment import OPS, PatchAugment, _hue_matrix, patch_augment
-from pipeline.methods.patch_matching import (intersect, match_patches, match_patches_reference,
+from pipeline.data.patch_augment import OPS, PatchAugment, _hue_matrix, patch_augment
+from pipeline.data.patch_matching import (intersect, match_patches, match_patches_reference,
                                              match_patches_shared, patches_inside)
 
 
