@@ -61,6 +61,7 @@ def test_checkpoint_from_other_settings_is_not_resumed(tmp_path, shard_dir, caps
 SCRIPT = """
 import sys, torch
 sys.path.insert(0, {root!r})
+from pathlib import Path
 from tests.test_resume import params
 from pipeline.train.trainer import train
 train(params(epochs={epochs}), "mocov2", root=Path({proj!r}))
