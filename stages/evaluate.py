@@ -5,18 +5,14 @@ Reads the cached features of the run (features stage) and runs kNN, linear and s
 from pathlib import Path
 
 from pipeline import params
-from pipeline.cli import main
+from pipeline.cli import main, params_and_run
 from pipeline.eval.features import load_features
 from pipeline.eval.protocols import evaluate_features
 from pipeline.utils import atomic_write_json
 
 
 def run(argv):
-    if len(argv) != 1:
-        raise params.ParamError("usage: python stages/evaluate.py <run>  (a name under runs: in params.yaml)")
-    p = params.load("params.yaml")
-    name = argv[0]
-    params.method_config(p, name)  # the run must exist before anything starts
+    p, name = params_and_run(argv, "evaluate")
     feat_dir = Path("data/features") / name
     train, test = load_features(feat_dir / "train.npz"), load_features(feat_dir / "test.npz")
     if train[0].shape[1] != test[0].shape[1]:

@@ -6,7 +6,7 @@ and reused by every evaluation protocol.
 from pathlib import Path
 
 from pipeline import params
-from pipeline.cli import main
+from pipeline.cli import main, params_and_run
 from pipeline.data.shards import read_manifest
 from pipeline.eval.features import extract_features, save_features
 from pipeline.models.encoder_io import load_encoder
@@ -14,11 +14,7 @@ from pipeline.utils import pick_device
 
 
 def run(argv):
-    if len(argv) != 1:
-        raise params.ParamError("usage: python stages/features.py <run>  (a name under runs: in params.yaml)")
-    p = params.load("params.yaml")
-    name = argv[0]
-    params.method_config(p, name)  # the run must exist before anything starts
+    p, name = params_and_run(argv, "features")
     ds, ev = p["dataset"], p["evaluate"]
     shard_dir = Path("data/shards") / ds["name"]
     read_manifest(shard_dir)  # fail fast, naming the missing shard stage, before loading any weights
