@@ -78,8 +78,3 @@ def all_reduce_mean_(x: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
-
-
-def cleanup() -> None:
-    if is_dist():
-        dist.destroy_process_group()
