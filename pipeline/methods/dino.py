@@ -48,15 +48,18 @@ class WeightNormLinear(nn.Module):
 
 class DINOHead(nn.Module):
     """DINO projection head (§3.1 "Network architecture"): a `layers`-layer MLP (hidden 2048, GELU, no BN)
-    to a `bottleneck`-d output, L2 normalisation, then a weight-normalised linear layer to K prototypes."""
+    to a `bottleneck`-d output, L2 normalisation, then a weight-normalised linear layer to K prototypes.
+    `bn` adds BatchNorm after each hidden layer (the paper's code: `use_bn_in_head`): on a briefly trained
+    ResNet the pooled features of different images are nearly parallel, and without it the centred teacher
+    output stays uniform (loss pinned at log K)."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int = 2048, bottleneck: int = 256, layers: int = 3,
-                 norm_last_layer: bool = True):
+                 norm_last_layer: bool = True, bn: bool = False):
         super().__init__()
         mods: list[nn.Module] = []
         dim = in_dim
         for _ in range(layers - 1):
-            mods += [nn.Linear(dim, hidden), nn.GELU()]
+            mods += [nn.Linear(dim, hidden)] + ([nn.BatchNorm1d(hidden)] if bn else []) + [nn.GELU()]
             dim = hidden
         mods.append(nn.Linear(dim, bottleneck))
         self.mlp = nn.Sequential(*mods)
@@ -74,7 +77,7 @@ class DINOHead(nn.Module):
 class DINO(Method):
     PARAMS = {
         "out_dim": Int(1), "hidden_dim": Int(1), "bottleneck_dim": Int(1), "head_layers": Int(1),
-        "norm_last_layer": Bool(), "momentum": Float(0, 1), "student_temp": temperature_param(),
+        "head_bn": Bool(), "norm_last_layer": Bool(), "momentum": Float(0, 1), "student_temp": temperature_param(),
         "teacher_temp": temperature_param(), "warmup_teacher_temp": temperature_param(),
         "warmup_teacher_temp_epochs": Float(0), "center_momentum": Float(0, 1), "freeze_last_layer": Float(0),
         "global_scale": Range01(), "local_scale": Range01(), "n_local": Int(0), "local_size": Int(1),
@@ -82,7 +85,7 @@ class DINO(Method):
         "blur_p": List(Float(0, 1), 3), "solarize_p": List(Float(0, 1), 3),
     }
     DEFAULTS = {
-        "out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256, "head_layers": 3, "norm_last_layer": True,
+        "out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256, "head_layers": 3, "head_bn": False, "norm_last_layer": True,
         "momentum": 0.996, "student_temp": 0.1, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04,
         "warmup_teacher_temp_epochs": 0.0, "center_momentum": 0.9, "freeze_last_layer": 1.0,
         "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4], "n_local": 6, "local_size": 96,
@@ -94,7 +97,7 @@ class DINO(Method):
         super().__init__(backbone, cfg, augment, image_size)
         c = self.cfg
         self.head = DINOHead(backbone.feat_dim, c["out_dim"], c["hidden_dim"], c["bottleneck_dim"], c["head_layers"],
-                             c["norm_last_layer"])
+                             c["norm_last_layer"], c["head_bn"])
         self.teacher_backbone = momentum_copy(self.backbone)
         self.teacher_head = momentum_copy(self.head)
         self.register_buffer("center", torch.zeros(c["out_dim"]))
