@@ -47,7 +47,7 @@ def pseudo_neighbour(z: torch.Tensor, support: torch.Tensor, alpha: float, beta:
     if beta > 0:
         sigma = beta * (pnn - zn.detach()).norm(dim=1, keepdim=True)    # eq. 5: one std for every dimension
         pnn = pnn + sigma * torch.randn(pnn.shape, generator=generator, device=pnn.device, dtype=pnn.dtype)
-    return zn + (pnn - zn).detach()
+    return pnn + (zn - zn.detach())  # exactly the value pnn; d/dz^ = identity
 
 
 @register("pnnclr")
