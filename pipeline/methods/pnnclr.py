@@ -14,8 +14,8 @@ No predictor: the paper's encoder is backbone + two dense layers (2048, BN betwe
 
 Gradient: the paper's formulas make the positive a function of a support-set element, which has no gradient;
 with `pseudo` and `noise` off (the "swu" row of Table 4) nothing at all would then reach the encoder. The
-positive is therefore a straight-through estimate, as in the NNCLR reference implementation (Keras) the paper's
-setting follows: its value is eq. 4-5, its gradient with respect to z the identity.
+positive is therefore a straight-through estimate, as in the Keras NNCLR example (which, like this paper, has no
+predictor): its value is eq. 4-5, its gradient with respect to z the identity.
 
 Support set and target as in NNCLR / BYOL: Q is filled after the step from z1 gathered across ranks (identical
 everywhere); Q, the target and the noise generator's seed and step counter are buffers / modules, so a
