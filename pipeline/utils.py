@@ -1,4 +1,4 @@
-"""Small shared mechanics: atomic writes, JSON, device choice."""
+"""Small shared mechanics: atomic writes, JSON, device choice, seed mixing."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+
+def mix_seed(*xs: int) -> int:
+    """A stable 63-bit seed from integers (Python's hash of ints is stable, but keep it explicit)."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (int(x) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0x7FFFFFFFFFFFFFFF
+    return h
 
 
 def _tmp_beside(path: Path) -> str:

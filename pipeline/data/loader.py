@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.shards import group_samples, image_of, read_meta, shard_paths
 from pipeline.data.views import View, ViewSpec
+from pipeline.utils import mix_seed as _mix
 
 
 @dataclass
@@ -31,14 +32,6 @@ class Batch:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         return Batch([v.to(device, non_blocking=True, memory_format=fmt) for v in self.views],
                      [g.to(device) for g in self.geometry], self.label.to(device), self.index.to(device))
-
-
-def _mix(*xs: int) -> int:
-    """A stable 63-bit seed from integers (Python's hash of ints is stable, but keep it explicit)."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (int(x) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0x7FFFFFFFFFFFFFFF
-    return h
 
 
 def batches_per_epoch(n_samples: int, batch_size: int) -> int:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.data.views import ViewSpec
+from pipeline.methods.memory import KeyQueue
 from pipeline.models.heads import mlp
 from pipeline.params import Float, Int, List, Validator
 
@@ -90,6 +91,40 @@ class ProjectorMethod(Method):
 
     def heads_to_export(self) -> dict[str, nn.Module]:
         return {"projector": self.projector}
+
+
+class MomentumContrast(ProjectorMethod):
+    """MoCo's machinery (He et al. 2020, §3.2), shared by MoCo-v2 and LeOCLR: a key encoder that is a momentum
+    copy of backbone + projector, theta_k <- m theta_k + (1 - m) theta_q (MoCo eq. 2), and a FIFO queue of past
+    keys as negatives. `forward` leaves the keys to enqueue in `_pending_keys`; `after_step` pushes them (the
+    queue gathers them from every rank in rank order, so it is identical on all ranks) and then moves the key
+    encoder. Both are modules / buffers, so one state_dict checkpoints them. Needs `queue_size`, `momentum`."""
+
+    def __init__(self, backbone, cfg, augment, image_size):
+        super().__init__(backbone, cfg, augment, image_size)
+        self._pending_keys: list[torch.Tensor] = []
+        if self.uses_key_encoder():
+            self.key_backbone = momentum_copy(self.backbone)
+            self.key_projector = momentum_copy(self.projector)
+            self.queue = KeyQueue(self.cfg["queue_size"], self.cfg["proj_dim"])
+
+    def uses_key_encoder(self) -> bool:
+        """False for a variant trained end to end (LeOCLR, Table 5): no key encoder, no queue."""
+        return True
+
+    @torch.no_grad()
+    def key(self, x: torch.Tensor) -> torch.Tensor:
+        return self.key_projector(self.key_backbone(x))
+
+    @torch.no_grad()
+    def after_step(self, progress):
+        if not self.uses_key_encoder():
+            return
+        for k in self._pending_keys:  # enqueued after backward: the loss's graph holds the current queue
+            self.queue.push(k)
+        self._pending_keys = []
+        ema_update(self.key_backbone, self.backbone, self.cfg["momentum"])
+        ema_update(self.key_projector, self.projector, self.cfg["momentum"])
 
 
 def two_view_params() -> dict[str, Validator]:

@@ -1,4 +1,5 @@
-"""Memories shared by methods: a FIFO of embeddings filled from the global batch (MoCo queue, NNCLR support set).
+"""Memories shared by methods: a FIFO of embeddings filled from the global batch (MoCo queue, NNCLR support set),
+and the nearest-neighbour lookup in it (NNCLR, pNNCLR).
 
 Buffers only, so a method's state_dict checkpoints them and resume restores them exactly.
 """
@@ -29,3 +30,33 @@ class KeyQueue(nn.Module):
         idx = (self.ptr + torch.arange(n, device=k.device)) % size
         self.keys[idx] = k
         self.ptr.copy_((self.ptr + n) % size)
+
+
+class SupportSet(KeyQueue):
+    """KeyQueue plus a count of the slots written so far (a buffer too): until the FIFO is full, only
+    those slots are searched, so the random initial keys are never returned as neighbours."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__(size, dim)
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, local_keys: torch.Tensor) -> None:
+        super().push(local_keys)
+        n = local_keys.shape[0] * dist.world_size()
+        self.filled.copy_(torch.clamp(self.filled + n, max=self.keys.shape[0]))
+
+    def active(self) -> torch.Tensor:
+        """The written slots (the FIFO fills from slot 0, so they are the first `filled` rows)."""
+        return self.keys[: int(self.filled)]
+
+
+@torch.no_grad()
+def nearest_neighbour(z: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """NNCLR eq. 2: for each row of z (B, D), the row of `support` (K, D, L2-normalised) with the highest
+    cosine similarity. An empty support set (the very first step) returns z itself, normalised."""
+    zn = F.normalize(z.detach().float(), dim=1)
+    if support.shape[0] == 0:
+        return zn
+    s = support.float()
+    return s[(zn @ s.t()).argmax(dim=1)]

@@ -3,7 +3,8 @@
 Query encoder (backbone + MLP head) trained by backprop; key encoder = its momentum copy,
 theta_k <- m theta_k + (1 - m) theta_q (MoCo eq. 2); InfoNCE against a FIFO queue of past keys
 (MoCo eq. 1, t = 0.2 in v2). The queue is filled with the keys gathered from every rank, in rank order,
-so it is identical on all ranks; it is a buffer, so checkpoints save and restore it.
+so it is identical on all ranks; it is a buffer, so checkpoints save and restore it (both pieces live in
+base.MomentumContrast, shared with LeOCLR).
 `symmetric: true` adds the loss with the views swapped (a common CIFAR setting; off = the paper).
 Shuffle-BN is not implemented: with SyncBN off and one process the key BN sees the whole batch.
 """
@@ -12,28 +13,17 @@ from __future__ import annotations
 import torch
 
 from pipeline.losses.contrastive import info_nce_queue
-from pipeline.methods.base import ProjectorMethod, ema_update, momentum_copy, projector_params, temperature_param
-from pipeline.methods.memory import KeyQueue
+from pipeline.methods.base import MomentumContrast, projector_params, temperature_param
 from pipeline.methods.registry import register
 from pipeline.params import Bool, Float, Int
 
 
 @register("mocov2")
-class MoCoV2(ProjectorMethod):
+class MoCoV2(MomentumContrast):
     PARAMS = {"temperature": temperature_param(), "queue_size": Int(1), "momentum": Float(0, 1),
               "symmetric": Bool(), **projector_params()}
     DEFAULTS = {"temperature": 0.2, "queue_size": 65536, "momentum": 0.999, "symmetric": False,
                 "proj_hidden": 2048, "proj_dim": 128, "proj_layers": 2}
-
-    def __init__(self, backbone, cfg, augment, image_size):
-        super().__init__(backbone, cfg, augment, image_size)
-        self.key_backbone = momentum_copy(self.backbone)
-        self.key_projector = momentum_copy(self.projector)
-        self.queue = KeyQueue(self.cfg["queue_size"], self.cfg["proj_dim"])
-
-    @torch.no_grad()
-    def key(self, x):
-        return self.key_projector(self.key_backbone(x))
 
     def forward(self, batch):
         x1, x2 = batch.views[:2]
@@ -45,13 +35,5 @@ class MoCoV2(ProjectorMethod):
             q2, k1 = self.project(x2), self.key(x1)
             loss = (loss + info_nce_queue(q2, k1, self.queue.keys, t)) / 2
             keys.append(k1)
-        self._pending_keys = keys  # enqueued after backward: the loss's graph holds the current queue
+        self._pending_keys = keys  # pushed by MomentumContrast.after_step
         return {"loss": loss, "info_nce": loss}
-
-    @torch.no_grad()
-    def after_step(self, progress):
-        for k in getattr(self, "_pending_keys", []):
-            self.queue.push(k)
-        self._pending_keys = []
-        ema_update(self.key_backbone, self.backbone, self.cfg["momentum"])
-        ema_update(self.key_projector, self.projector, self.cfg["momentum"])
