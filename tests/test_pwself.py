@@ -14,7 +14,7 @@ from torch import nn
 from pipeline.data.patch_augment import PatchAugment
 from pipeline.data.patch_matching import match_patches_reference
 from pipeline.data.views import View
-from pipeline.losses.distillation import dino_loss, patch_wise_aggregate
+from pipeline.losses.distillation import patch_wise_weights
 from pipeline.methods.dino import DINO
 from pipeline.methods.pwself import PWSelf
 from pipeline.params import ParamError, Section
@@ -85,18 +85,20 @@ def test_defaults_validate_and_bad_params():
 
 # --- eqs. 8-10 by hand --------------------------------------------------------------------------------
 
-def test_aggregations_match_hand_computation():
+def test_aggregation_weights_match_hand_computation():
     cls = torch.tensor([1.0, 2.0, 3.0])
-    patch = torch.tensor([[0.5, 2.5, 9.0], [4.0, float("nan"), float("inf")], [7.0, 7.0, 7.0]])  # padding ignored
+    patch = torch.tensor([[0.5, 2.5, 9.0], [4.0, 8.0, 6.0], [7.0, 7.0, 7.0]])
     valid = torch.tensor([[True, True, False], [True, False, False], [False, False, False]])
-    # MP = 3, 2, 1 matched tokens (CLS included)
+    # MP = 3, 2, 1 matched tokens (CLS included); padding gets no weight
     want = {"pwml": [(1 + 0.5 + 2.5) / 3, (2 + 4) / 2, 3.0],
             "pwsl": [1 + 0.5 + 2.5, 2 + 4, 3.0],
             "pwll": [0.25 * 1 + 0.75 * (0.5 + 2.5) / 2, 0.25 * 2 + 0.75 * 4, 0.25 * 3]}
     for mode, w in want.items():
-        got = patch_wise_aggregate(cls, patch, valid, mode, lambd=0.25)
-        assert torch.allclose(got, torch.tensor(w)), mode
-    assert torch.equal(patch_wise_aggregate(cls, patch, valid, "pwll", lambd=1.0), cls)
+        cls_w, patch_w = patch_wise_weights(valid, mode, lambd=0.25)
+        assert not patch_w[~valid].any(), mode
+        assert torch.allclose(cls_w * cls + (patch_w * patch).sum(1), torch.tensor(w)), mode
+    cls_w, patch_w = patch_wise_weights(valid, "pwll", lambd=1.0)
+    assert torch.equal(cls_w, torch.ones(3)) and not patch_w.any()
 
 
 def _softmax(xs):
@@ -120,7 +122,7 @@ def hand_loss(m, b, mode, lambd):
         ps = _softmax([x / ts for x in s.tolist()])
         return -sum(a * math.log(q) for a, q in zip(pt, ps))
 
-    total, n_pairs = 0.0, 0
+    total, n_pairs, cls_terms, patch_terms = 0.0, 0, [], []
     for i in range(2):
         for j in range(len(b.views)):
             if i == j:
@@ -129,6 +131,8 @@ def hand_loss(m, b, mode, lambd):
             for n, pairs in enumerate(matches):
                 h_cls = H(t_out[i][n, 0], s_out[j][n, 0])
                 h_p = [H(t_out[i][n, 1 + a], s_out[j][n, 1 + c]) for a, c in pairs]
+                cls_terms.append(h_cls)
+                patch_terms += h_p
                 if mode == "pwml":
                     total += (h_cls + sum(h_p)) / (1 + len(h_p))
                 elif mode == "pwsl":
@@ -136,7 +140,9 @@ def hand_loss(m, b, mode, lambd):
                 else:
                     total += lambd * h_cls + (1 - lambd) * (sum(h_p) / len(h_p) if h_p else 0.0)
             n_pairs += 1
-    return total / (n_pairs * b.views[0].shape[0]), t_out
+    diag = {"dino": sum(cls_terms) / len(cls_terms), "patch": sum(patch_terms) / len(patch_terms),
+            "matched": len(patch_terms) / len(cls_terms)}
+    return total / (n_pairs * b.views[0].shape[0]), t_out, diag
 
 
 @pytest.mark.parametrize("mode", ["pwml", "pwsl", "pwll"])
@@ -146,9 +152,11 @@ def test_forward_equals_hand_computation(mode):
     m.center.copy_(c0)
     m.set_progress(0.0, 0.0)
     b = fixed_batch()
-    want, t_out = hand_loss(m, b, mode, 0.3)
+    want, t_out, diag = hand_loss(m, b, mode, 0.3)
     out = m(b)
     assert math.isclose(out["loss"].item(), want, rel_tol=1e-5)
+    for k, v in diag.items():
+        assert math.isclose(out[k].item(), v, rel_tol=1e-5), k
     # the centre moves with the teacher's CLS outputs only (§3.5 / DINO eq. 4)
     cls_mean = torch.cat([t[:, 0] for t in t_out]).mean(0)
     assert torch.allclose(m.center, 0.9 * c0 + 0.1 * cls_mean, atol=1e-6)
@@ -187,7 +195,7 @@ def test_no_overlap_leaves_cls_only():
     ref = make(DINO)
     ref.set_progress(0.0, 0.0)
     with torch.no_grad():
-        dino = ref(b)["loss"]
+        dino = ref(b)["loss"]  # the CLS-token loss (eq. 7)
     for mode, scale in [("pwml", 1.0), ("pwsl", 1.0), ("pwll", 0.3)]:
         m = make(loss=mode, lambd=0.3)
         m.set_progress(0.0, 0.0)

@@ -55,27 +55,26 @@ def ema_center(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) 
 PATCH_AGGREGATIONS = ("pwml", "pwsl", "pwll")
 
 
-def patch_wise_aggregate(cls_ce: torch.Tensor, patch_ce: torch.Tensor, valid: torch.Tensor, mode: str,
-                         lambd: float = 0.5) -> torch.Tensor:
-    """PW-Self's per-sample loss for one (teacher view, student view) pair (Javidani et al. §3.5, eqs. 8-10).
+def patch_wise_weights(valid: torch.Tensor, mode: str, lambd: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """PW-Self's per-sample loss for one (teacher view, student view) pair (Javidani et al. §3.5, eqs. 8-10),
+    as the weights of its token cross-entropies: loss_b = cls_w[b] * H_cls[b] + sum_p patch_w[b, p] * H_p[b, p].
 
-    cls_ce: (B,) H(g[0], l[0]) on the CLS tokens; patch_ce: (B, M) H on matched patch tokens, of which
-    `valid` (B, M) marks the real matches (the rest is padding; its values are ignored, even if non-finite).
-    With n matched patches, MP = 1 + n tokens are matched (CLS included):
+    valid: (B, M) marks the matched patch pairs (the rest is padding, weight 0). With n matched patches,
+    MP = 1 + n tokens are matched (CLS included):
       pwml (eq. 8): (H_cls + sum_p H_p) / MP          mean over every matched token
       pwsl (eq. 9):  H_cls + sum_p H_p                 sum
       pwll (eq. 10): lambd * H_cls + (1 - lambd) * (sum_p H_p) / (MP - 1)
     No overlap (n = 0) leaves the CLS term only (§3.4); for pwll the empty patch mean counts as 0, so the
-    CLS term keeps its weight lambd in every sample. Returns (B,); the papers' loss averages it over the
-    batch and the view pairs (the BS x 18 denominators).
+    CLS term keeps its weight lambd in every sample. The losses are linear in the H's, so weights let a
+    caller fold every pair into one weighted teacher target per student token. The papers' loss averages
+    loss_b over the batch and the view pairs (the BS x 18 denominators). Returns (cls_w (B,), patch_w (B, M)).
     """
     n = valid.sum(dim=1)
-    patch_sum = patch_ce.float().masked_fill(~valid, 0.0).sum(dim=1)
-    cls_ce = cls_ce.float()
     if mode == "pwml":
-        return (cls_ce + patch_sum) / (1 + n)
+        cls_w = 1.0 / (1 + n)
+        return cls_w, valid * cls_w[:, None]
     if mode == "pwsl":
-        return cls_ce + patch_sum
+        return torch.ones(valid.shape[0], device=valid.device), valid.float()
     if mode == "pwll":
-        return lambd * cls_ce + (1 - lambd) * patch_sum / n.clamp(min=1)
-    raise ValueError(f"patch_wise_aggregate: mode must be one of {PATCH_AGGREGATIONS}, got {mode!r}")
+        return torch.full((valid.shape[0],), lambd, device=valid.device), valid * ((1 - lambd) / n.clamp(min=1))[:, None]
+    raise ValueError(f"patch_wise_weights: mode must be one of {PATCH_AGGREGATIONS}, got {mode!r}")

@@ -26,7 +26,9 @@ Choices, from the paper:
   the patch work is skipped).
 
 Cost: the head runs once per network on only the tokens some pair uses (every CLS token, and the patch
-tokens matched in at least one pair), and the cross-entropies of all pairs are one batched gather.
+tokens matched in at least one pair); the cross-entropies of all pairs are folded into one weighted teacher
+target per student token (H is linear in the teacher distribution), so each student token needs one
+log-softmax and no per-pair gather enters the backward pass.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import torch
 
 from pipeline.data.patch_augment import PatchAugment
 from pipeline.data.patch_matching import match_patches
-from pipeline.losses.distillation import PATCH_AGGREGATIONS, patch_wise_aggregate, soft_cross_entropy, teacher_probs
+from pipeline.losses.distillation import PATCH_AGGREGATIONS, patch_wise_weights, soft_cross_entropy, teacher_probs
 from pipeline.methods.dino import DINO
 from pipeline.methods.registry import register
 from pipeline.params import Bool, Float, ParamError, Str
@@ -116,25 +118,40 @@ class PWSelf(DINO):
             t_logits, t_rows = self.project_used(self.teacher_head, teacher, [(i, ti) for i, _, ti, _, _ in pairs])
             p_t = teacher_probs(t_logits, self.center, self.teacher_temp())
         s_logits, s_rows = self.project_used(self.head, student, [(j, si) for _, j, _, si, _ in pairs])
-
-        # every pair's token cross-entropies in one gather: rows of the teacher / student tables
-        rt = torch.cat([t_rows[i].gather(1, ti).reshape(-1) for i, _, ti, _, _ in pairs])
-        rs = torch.cat([s_rows[j].gather(1, si).reshape(-1) for _, j, _, si, _ in pairs])
-        ce = soft_cross_entropy(p_t[rt], s_logits[rs], c["student_temp"]).split([ti.numel() for _, _, ti, _, _ in pairs])
-
-        terms, cls_terms, patch_sums, n_matched = [], [], [], []
-        for (_, _, ti, _, valid), h in zip(pairs, ce):
-            h = h.view_as(ti)
-            terms.append(patch_wise_aggregate(h[:, 0], h[:, 1:], valid, c["loss"], c["lambd"]).mean())
-            cls_terms.append(h[:, 0].detach().mean())
-            patch_sums.append(h[:, 1:].detach().masked_fill(~valid, 0.0).sum())
-            n_matched.append(valid.sum())
-        loss = torch.stack(terms).mean()
-        n = torch.stack(n_matched).sum()
+        with torch.no_grad():
+            targets, n_matched = self.pair_targets(pairs, t_rows, s_rows, p_t, s_logits.shape[0])
+        # H is linear in the teacher distribution: sum_r w_r H(P_t[a_r], P_s[b_r]) = sum_b H(Q_b, P_s[b]) with
+        # Q_b = sum_{r: b_r = b} w_r P_t[a_r], so one log-softmax per student token serves every pair it is in
+        terms = soft_cross_entropy(targets, s_logits[None], c["student_temp"]).sum(dim=1)
 
         # the centre from the teacher's CLS outputs only (DINO eq. 4), after its use in the loss
         self.update_center(self.center, t_logits[torch.cat([r[:, 0] for r in t_rows])])
         # diagnostics: the CLS term (DINO's loss on these outputs), the mean matched-patch cross-entropy,
-        # and matched patches per (sample, view pair)
-        return {"loss": loss, "dino": torch.stack(cls_terms).mean(), "patch": torch.stack(patch_sums).sum() / n.clamp(min=1),
-                "matched": n.float() / (len(pairs) * views[0].shape[0])}
+        # matched patches per (sample, view pair)
+        return {"loss": terms[0], "dino": terms[1].detach(), "patch": terms[2].detach(),
+                "matched": n_matched / (len(pairs) * views[0].shape[0])}
+
+    def pair_targets(self, pairs, t_rows, s_rows, p_t: torch.Tensor, n_student: int):
+        """Weighted teacher targets per used student token, (3, R_s, K): for the loss (eqs. 8-10, averaged
+        over the batch and the view pairs), for the mean CLS term and for the mean matched-patch term. Built
+        with one sparse (3 R_s x R_t) @ (R_t x K) product over the matched pairs only (padding dropped)."""
+        c = self.cfg
+        scale = 1.0 / (len(pairs) * pairs[0][4].shape[0])
+        rows_s, rows_t, weights = [], [], []
+        for i, j, ti, si, valid in pairs:
+            cls_w, patch_w = patch_wise_weights(valid, c["loss"], c["lambd"])
+            keep = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+            is_cls = torch.zeros_like(keep)
+            is_cls[:, 0] = True
+            rows_t.append(t_rows[i].gather(1, ti)[keep])
+            rows_s.append(s_rows[j].gather(1, si)[keep])
+            weights.append(torch.stack([torch.cat([cls_w[:, None], patch_w], dim=1)[keep] * scale,
+                                        is_cls[keep] * scale, (~is_cls)[keep].float()]))
+        rows_t, rows_s, weights = torch.cat(rows_t), torch.cat(rows_s), torch.cat(weights, dim=1)
+        n_matched = weights[2].sum()
+        weights[2] /= n_matched.clamp(min=1)
+        k = torch.arange(3, device=rows_s.device)[:, None]
+        index = torch.stack([(k * n_student + rows_s).reshape(-1), rows_t.repeat(3)])
+        w = torch.sparse_coo_tensor(index, weights.reshape(-1).to(p_t.dtype), (3 * n_student, p_t.shape[0]),
+                                    check_invariants=False)  # in range by construction
+        return torch.sparse.mm(w, p_t).view(3, n_student, -1), n_matched
