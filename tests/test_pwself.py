@@ -122,7 +122,7 @@ def hand_loss(m, b, mode, lambd):
         ps = _softmax([x / ts for x in s.tolist()])
         return -sum(a * math.log(q) for a, q in zip(pt, ps))
 
-    total, n_pairs, cls_terms, patch_terms = 0.0, 0, [], []
+    total, patch_part, n_pairs, cls_terms, n_matched = 0.0, 0.0, 0, [], 0
     for i in range(2):
         for j in range(len(b.views)):
             if i == j:
@@ -131,18 +131,20 @@ def hand_loss(m, b, mode, lambd):
             for n, pairs in enumerate(matches):
                 h_cls = H(t_out[i][n, 0], s_out[j][n, 0])
                 h_p = [H(t_out[i][n, 1 + a], s_out[j][n, 1 + c]) for a, c in pairs]
-                cls_terms.append(h_cls)
-                patch_terms += h_p
                 if mode == "pwml":
-                    total += (h_cls + sum(h_p)) / (1 + len(h_p))
+                    cls_part, p_part = h_cls / (1 + len(h_p)), sum(h_p) / (1 + len(h_p))
                 elif mode == "pwsl":
-                    total += h_cls + sum(h_p)
+                    cls_part, p_part = h_cls, sum(h_p)
                 else:
-                    total += lambd * h_cls + (1 - lambd) * (sum(h_p) / len(h_p) if h_p else 0.0)
+                    cls_part, p_part = lambd * h_cls, (1 - lambd) * (sum(h_p) / len(h_p) if h_p else 0.0)
+                total += cls_part + p_part
+                patch_part += p_part
+                cls_terms.append(h_cls)
+                n_matched += len(h_p)
             n_pairs += 1
-    diag = {"dino": sum(cls_terms) / len(cls_terms), "patch": sum(patch_terms) / len(patch_terms),
-            "matched": len(patch_terms) / len(cls_terms)}
-    return total / (n_pairs * b.views[0].shape[0]), t_out, diag
+    norm = n_pairs * b.views[0].shape[0]
+    diag = {"dino": sum(cls_terms) / len(cls_terms), "patch": patch_part / norm, "matched": n_matched / len(cls_terms)}
+    return total / norm, t_out, diag
 
 
 @pytest.mark.parametrize("mode", ["pwml", "pwsl", "pwll"])
@@ -202,7 +204,7 @@ def test_no_overlap_leaves_cls_only():
         with torch.no_grad():
             out = m.patch_wise_forward(b)
         assert torch.allclose(out["loss"], scale * dino, atol=1e-6), mode
-        assert out["matched"] == 0 and out["patch"] == 0 and torch.allclose(out["dino"], dino, atol=1e-6)
+        assert out["matched"] == 0 and abs(out["patch"]) < 1e-6 and torch.allclose(out["dino"], dino, atol=1e-6)
 
 
 # --- PWLL with lambd = 1 is DINO ----------------------------------------------------------------------

@@ -119,39 +119,36 @@ class PWSelf(DINO):
             p_t = teacher_probs(t_logits, self.center, self.teacher_temp())
         s_logits, s_rows = self.project_used(self.head, student, [(j, si) for _, j, _, si, _ in pairs])
         with torch.no_grad():
-            targets, n_matched = self.pair_targets(pairs, t_rows, s_rows, p_t, s_logits.shape[0])
+            target, cls_w, n_matched = self.pair_targets(pairs, t_rows, s_rows, p_t, s_logits.shape[0])
         # H is linear in the teacher distribution: sum_r w_r H(P_t[a_r], P_s[b_r]) = sum_b H(Q_b, P_s[b]) with
         # Q_b = sum_{r: b_r = b} w_r P_t[a_r], so one log-softmax per student token serves every pair it is in
-        terms = soft_cross_entropy(targets, s_logits[None], c["student_temp"]).sum(dim=1)
+        loss = soft_cross_entropy(target, s_logits, c["student_temp"]).sum()
 
+        with torch.no_grad():  # diagnostics from the CLS rows only (cheap): DINO's loss on these outputs
+            h_cls = torch.stack([soft_cross_entropy(p_t[t_rows[i][:, 0]], s_logits[s_rows[j][:, 0]], c["student_temp"])
+                                 for i, j, *_ in pairs])
         # the centre from the teacher's CLS outputs only (DINO eq. 4), after its use in the loss
         self.update_center(self.center, t_logits[torch.cat([r[:, 0] for r in t_rows])])
-        # diagnostics: the CLS term (DINO's loss on these outputs), the mean matched-patch cross-entropy,
-        # matched patches per (sample, view pair)
-        return {"loss": terms[0], "dino": terms[1].detach(), "patch": terms[2].detach(),
-                "matched": n_matched / (len(pairs) * views[0].shape[0])}
+        # logged: the CLS term (eq. 7), the patch terms' share of the loss, matched patches per (sample, view pair)
+        return {"loss": loss, "dino": h_cls.mean(), "patch": loss.detach() - (h_cls * cls_w).mean(),
+                "matched": n_matched / h_cls.numel()}
 
     def pair_targets(self, pairs, t_rows, s_rows, p_t: torch.Tensor, n_student: int):
-        """Weighted teacher targets per used student token, (3, R_s, K): for the loss (eqs. 8-10, averaged
-        over the batch and the view pairs), for the mean CLS term and for the mean matched-patch term. Built
-        with one sparse (3 R_s x R_t) @ (R_t x K) product over the matched pairs only (padding dropped)."""
+        """The weighted teacher target of every used student token, (R_s, K): sum over the matched (teacher
+        token, student token) pairs of w * P_t, w from eqs. 8-10 / (batch x view pairs); one sparse
+        (R_s x R_t) @ (R_t x K) product over the matched pairs only (padding dropped). Also returns the CLS
+        weights (view pairs, B) and the number of matched patch pairs."""
         c = self.cfg
         scale = 1.0 / (len(pairs) * pairs[0][4].shape[0])
-        rows_s, rows_t, weights = [], [], []
+        rows_s, rows_t, weights, cls_ws = [], [], [], []
         for i, j, ti, si, valid in pairs:
             cls_w, patch_w = patch_wise_weights(valid, c["loss"], c["lambd"])
             keep = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
-            is_cls = torch.zeros_like(keep)
-            is_cls[:, 0] = True
             rows_t.append(t_rows[i].gather(1, ti)[keep])
             rows_s.append(s_rows[j].gather(1, si)[keep])
-            weights.append(torch.stack([torch.cat([cls_w[:, None], patch_w], dim=1)[keep] * scale,
-                                        is_cls[keep] * scale, (~is_cls)[keep].float()]))
-        rows_t, rows_s, weights = torch.cat(rows_t), torch.cat(rows_s), torch.cat(weights, dim=1)
-        n_matched = weights[2].sum()
-        weights[2] /= n_matched.clamp(min=1)
-        k = torch.arange(3, device=rows_s.device)[:, None]
-        index = torch.stack([(k * n_student + rows_s).reshape(-1), rows_t.repeat(3)])
-        w = torch.sparse_coo_tensor(index, weights.reshape(-1).to(p_t.dtype), (3 * n_student, p_t.shape[0]),
+            weights.append(torch.cat([cls_w[:, None], patch_w], dim=1)[keep] * scale)
+            cls_ws.append(cls_w)
+        index = torch.stack([torch.cat(rows_s), torch.cat(rows_t)])
+        w = torch.sparse_coo_tensor(index, torch.cat(weights).to(p_t.dtype), (n_student, p_t.shape[0]),
                                     check_invariants=False)  # in range by construction
-        return torch.sparse.mm(w, p_t).view(3, n_student, -1), n_matched
+        return torch.sparse.mm(w, p_t), torch.stack(cls_ws), sum(v.sum() for *_, v in pairs).float()
