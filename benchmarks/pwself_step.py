@@ -9,8 +9,8 @@ and crop boxes the loader's ViewSpecs produce for random images (so the patch ma
 distribution). A step is the trainer's `train_step`: forward (PW-Self: matching, head on the used tokens,
 every pair's token cross-entropies), backward, optimizer, EMA update. The two are timed in interleaved
 repetitions (DINO, PW-Self, DINO, ...) so that load from other processes hits both alike; reported: each
-method's median step, the median over repetitions of the per-repetition ratio (target <= 1.15), and what
-PW-Self spends where (torch.profiler, one step). The per-patch augmentation runs in the loader, off the step:
+method's median step, the median over repetitions of the per-repetition ratio (target <= 1.15), the rows
+each head projects per image, and where each step goes (torch.profiler, one step each). The per-patch augmentation runs in the loader, off the step:
 its cost per batch is reported separately.
 """
 from __future__ import annotations
@@ -99,12 +99,21 @@ def main(argv=None) -> dict:
     ratios = [pw / d for pw, d in zip(times["pwself"], times["dino"])]
     _, out = step("pwself")
 
-    # where PW-Self's step goes (one profiled step, self CPU time by op)
+    # rows through each head per image (the intrinsic extra work: every matched token gets the K-wide head and
+    # softmax), and where each step goes (one profiled step each, self CPU time by op)
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step("pwself")
-    top = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
-           for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]]
+    rows, top = {}, {}
+    for name, (m, _, _) in methods.items():
+        seen = {}
+        hooks = [h.register_forward_hook(lambda mod, inp, o, k=k: seen.__setitem__(k, inp[0].shape[0] / n))
+                 for k, h in (("student", m.head), ("teacher", m.teacher_head))]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(name)
+        for h in hooks:
+            h.remove()
+        rows[name] = seen
+        top[name] = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
+                     for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]]
 
     # the loader-side per-patch augmentation (off the step), per batch of all views
     aug = [v for v in pw_views if v.spec.patch_augment is not None]
@@ -128,14 +137,16 @@ def main(argv=None) -> dict:
         "ratio_of_mins": min(times["pwself"]) / min(times["dino"]),
         "target": 1.15,
         "matched_patches_per_view_pair": float(out["matched"]),
-        "pwself_profile_top_ops": top,
+        "head_rows_per_image": rows,
+        "profile_top_ops": top,
         "patch_augment_loader_ms_per_batch": aug_ms if aug else 0.0,
     }
     path = Path(a.out or f"benchmarks/results/pwself-step-{dev.type}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(res, path)
-    print(json.dumps({k: v for k, v in res.items() if k not in ("pwself_profile_top_ops",)}, indent=2))
-    print("\n".join(f"{o['op']:40s} {o['self_ms']:9.1f} ms  x{o['calls']}" for o in top))
+    print(json.dumps({k: v for k, v in res.items() if k != "profile_top_ops"}, indent=2))
+    for name, ops in top.items():
+        print(name + ":\n" + "\n".join(f"  {o['op']:40s} {o['self_ms']:9.1f} ms  x{o['calls']}" for o in ops))
     return res
 
 
