@@ -115,6 +115,18 @@ def main(argv=None) -> dict:
         top[name] = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
                      for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]]
 
+    # the matmul work those rows imply (multiply-adds per image; fwd + bwd = 3x fwd for the student, fwd for
+    # the teacher; attention's token-token products left out): the floor for the ratio on any machine
+    def linear_macs(mod):
+        return sum(x.weight.numel() for x in mod.modules() if isinstance(x, torch.nn.Linear)) + sum(
+            x.weight_v.numel() for x in mod.modules() if hasattr(x, "weight_v"))
+
+    m0 = methods["dino"][0]
+    bb, hd = linear_macs(m0.backbone), linear_macs(m0.head)
+    s_tok = sum(x.shape[-1] * x.shape[-2] // m0.backbone.patch_size ** 2 + 1 for x in batch.views)
+    t_tok = sum(x.shape[-1] * x.shape[-2] // m0.backbone.patch_size ** 2 + 1 for x in batch.views[:2])
+    work = {k: 3 * (s_tok * bb + r["student"] * hd) + t_tok * bb + r["teacher"] * hd for k, r in rows.items()}
+
     # the loader-side per-patch augmentation (off the step), per batch of all views
     aug = [v for v in pw_views if v.spec.patch_augment is not None]
     xs = [x.cpu() for x in batch.views]
@@ -138,6 +150,8 @@ def main(argv=None) -> dict:
         "target": 1.15,
         "matched_patches_per_view_pair": float(out["matched"]),
         "head_rows_per_image": rows,
+        "matmul_macs_per_image": work,
+        "matmul_work_ratio": work["pwself"] / work["dino"],
         "profile_top_ops": top,
         "patch_augment_loader_ms_per_batch": aug_ms if aug else 0.0,
     }

@@ -23,7 +23,7 @@ Choices, from the paper:
   (student)). It follows DINO's whole-view augmentation (kept, so that PW-Self without its patch parts is
   DINO) and runs in the loader on each stacked view batch (`ViewSpec.patch_augment`), seeded per batch.
 - PWLL with lambd = 1 removes the patch terms: the step is then DINO's own (same loss and gradients, and
-  the patch work is skipped).
+  the patch work is skipped); with patch_augment off as well, the views are DINO's too, so the run is DINO.
 
 Cost: the head runs once per network on only the tokens some pair uses (every CLS token, and the patch
 tokens matched in at least one pair); the cross-entropies of all pairs are folded into one weighted teacher
