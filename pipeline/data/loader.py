@@ -129,7 +129,7 @@ class ShardStream(IterableDataset):
                 x, g = view(img)
                 outs[k].append(x)
                 geos[k].append(g)
-        return Batch([torch.stack(o) for o in outs], [torch.stack(g) for g in geos],
+        return Batch([view.batch(torch.stack(o)) for view, o in zip(self.views, outs)], [torch.stack(g) for g in geos],
                      torch.tensor([int(s["cls"]) for s in raw]),
                      torch.tensor([int(s["__key__"].rsplit("-", 1)[1]) for s in raw]))
 

@@ -2,7 +2,8 @@
 
 A method lists `ViewSpec`s; the loader applies each spec to every image. Spatial augmentation uses
 torchvision's own crop parameters (`RandomResizedCrop.get_params`) and reports the crop box in
-original-image pixels plus the flip flag, which patch-level methods (PW-Self) need.
+original-image pixels plus the flip flag, which patch-level methods (PW-Self) need. A spec may also ask
+for PW-Self's per-patch photometric augmentation (§3.3), applied to each stacked batch of the view.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass, replace
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
+
+from pipeline.data.patch_augment import PatchAugment
 
 RATIO = (3 / 4, 4 / 3)
 
@@ -25,6 +28,10 @@ class ViewSpec:
     grayscale_p: float = 0.2
     blur_p: float = 0.0
     solarize_p: float = 0.0
+    # PW-Self §3.3: after the whole-view augmentation, every patch of a patch_grid x patch_grid split is
+    # augmented on its own (None: off)
+    patch_augment: PatchAugment | None = None
+    patch_grid: int = 0
 
     @classmethod
     def from_augment(cls, augment: dict, size: int, **over) -> "ViewSpec":
@@ -51,6 +58,7 @@ class View:
             photometric.append(T.RandomSolarize(128, p=spec.solarize_p))
         self.photometric = T.Compose(photometric)
         self.normalize = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def box(self, img) -> tuple[int, int, int, int]:
         if self.spec.crop_scale is None:
@@ -65,6 +73,13 @@ class View:
             out = F.hflip(out)
         out = self.normalize(self.photometric(out))
         return out, torch.tensor([top, left, h, w, int(flipped)], dtype=torch.int32)
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch-level part of the view, on the stacked (B, C, H, W) views: the per-patch augmentation,
+        vectorised over the batch (in pixel space: the views are un-normalised and re-normalised)."""
+        if self.spec.patch_augment is None or not self.spec.patch_augment.enabled:
+            return x
+        return self.spec.patch_augment(x, self.spec.patch_grid, mean=self.mean, std=self.std)
 
 
 def eval_transform(image_size: int, mean, std):

@@ -50,3 +50,31 @@ def ema_center(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) 
     """DINO centring update (§3.1, eq. 4): C <- m C + (1 - m) * (1/B) sum_i g_t(x_i), with the mean taken
     over the whole (global) batch of teacher outputs."""
     return center * momentum + batch_mean.to(center.dtype) * (1 - momentum)
+
+
+PATCH_AGGREGATIONS = ("pwml", "pwsl", "pwll")
+
+
+def patch_wise_weights(valid: torch.Tensor, mode: str, lambd: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """PW-Self's per-sample loss for one (teacher view, student view) pair (Javidani et al. §3.5, eqs. 8-10),
+    as the weights of its token cross-entropies: loss_b = cls_w[b] * H_cls[b] + sum_p patch_w[b, p] * H_p[b, p].
+
+    valid: (B, M) marks the matched patch pairs (the rest is padding, weight 0). With n matched patches,
+    MP = 1 + n tokens are matched (CLS included):
+      pwml (eq. 8): (H_cls + sum_p H_p) / MP          mean over every matched token
+      pwsl (eq. 9):  H_cls + sum_p H_p                 sum
+      pwll (eq. 10): lambd * H_cls + (1 - lambd) * (sum_p H_p) / (MP - 1)
+    No overlap (n = 0) leaves the CLS term only (§3.4); for pwll the empty patch mean counts as 0, so the
+    CLS term keeps its weight lambd in every sample. The losses are linear in the H's, so weights let a
+    caller fold every pair into one weighted teacher target per student token. The papers' loss averages
+    loss_b over the batch and the view pairs (the BS x 18 denominators). Returns (cls_w (B,), patch_w (B, M)).
+    """
+    n = valid.sum(dim=1)
+    if mode == "pwml":
+        cls_w = 1.0 / (1 + n)
+        return cls_w, valid * cls_w[:, None]
+    if mode == "pwsl":
+        return torch.ones(valid.shape[0], device=valid.device), valid.float()
+    if mode == "pwll":
+        return torch.full((valid.shape[0],), lambd, device=valid.device), valid * ((1 - lambd) / n.clamp(min=1))[:, None]
+    raise ValueError(f"patch_wise_weights: mode must be one of {PATCH_AGGREGATIONS}, got {mode!r}")
