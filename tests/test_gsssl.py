@@ -209,7 +209,7 @@ def test_group_cut_is_the_windows_augmented_per_patch_with_the_views_normalisati
     view = torch.rand(4, 3, 10, 10)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     normed = (view - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    plain = PatchGroups(n=3, size=6, **{k: tuple(v) if isinstance(v, list) else v for k, v in NO_AUG.items()})
+    plain = PatchGroups(n=3, size=6, **NO_AUG)
     cut = plain.cut(normed, 0, (mean, std), torch.Generator().manual_seed(5))
     windows, _ = random_patches(normed, 3, 6, torch.Generator().manual_seed(5))
     assert torch.equal(cut, windows)                                   # no op selected: the windows themselves
@@ -236,9 +236,9 @@ def test_encode_patches_normalises_each_patch_and_keeps_patch_major_order():
 def test_gsssl_forward_is_the_loss_of_its_patch_groups():
     m = make_gsssl(image_size=6)
     views = [torch.randn(6, 3, 6, 6) for _ in range(2)]
-    torch.manual_seed(7)
     out = m(SimpleNamespace(views=views))
-    torch.manual_seed(7)   # same draws: the method's patch generator is seeded from the global RNG
+    assert int(m.groups.draws) == 2
+    m.groups.draws.zero_()   # replay the same patch draws
     z, w = (m.groups.embed(m.project, v, i) for i, v in enumerate(views))
     want = gsssl_loss(z, w, m.cfg["lambd"], m.cfg["rank_k"], m.cfg["margin"], m.cfg["triplet_weight"])
     assert torch.allclose(out["loss"], want["loss"]) and out["rank_k"] > 0
@@ -284,9 +284,8 @@ def grouped(cls, pairing, image_size=6, **cfg):
 def test_grouped_simclr_loss(pairing):
     m = grouped(SimCLR, pairing)
     views = [torch.randn(5, 3, 6, 6) for _ in range(2)]
-    torch.manual_seed(3)
     out = m(SimpleNamespace(views=views))
-    torch.manual_seed(3)
+    m.groups.draws.zero_()
     z, w = (m.groups.embed(m.project, v, i) for i, v in enumerate(views))
     want = nt_xent_grouped(z, w, 0.5) if pairing == "patch_to_mean" else nt_xent_global(z.mean(0), w.mean(0), 0.5)
     assert torch.allclose(out["loss"], want)
@@ -297,9 +296,8 @@ def test_grouped_moco_loss_and_queue(pairing):
     m = grouped(MoCoV2, pairing, queue_size=16, symmetric=False, temperature=0.2)
     views = [torch.randn(4, 3, 6, 6) for _ in range(2)]
     queue = m.queue.keys.clone()
-    torch.manual_seed(3)
     out = m(SimpleNamespace(views=views))
-    torch.manual_seed(3)
+    m.groups.draws.zero_()
     patches = [m.groups.cut(v, i) for i, v in enumerate(views)]
     with torch.no_grad():
         q = encode_patches(m.project, patches[0])
@@ -319,7 +317,8 @@ def test_grouped_moco_loss_and_queue(pairing):
 
 @pytest.mark.parametrize("cls,cfg", [(SimCLR, {}), (MoCoV2, {"queue_size": 16})])
 def test_groups_off_by_default_leaves_the_method_unchanged(cls, cfg):
-    """No `groups`: same parameters and buffers from the same seed, no RNG drawn in forward, plain loss."""
+    """No `groups`: same parameters and buffers from the same seed (groups only add their RNG buffers), no RNG
+    drawn in forward, plain loss."""
     heads = {"proj_hidden": 8, "proj_dim": 5, "proj_layers": 1, **cfg}
     torch.manual_seed(0)
     plain = cls(TinyNet(), heads, AUG, 4)
@@ -327,7 +326,7 @@ def test_groups_off_by_default_leaves_the_method_unchanged(cls, cfg):
     with_groups = cls(TinyNet(), {**heads, "groups": {"n": 2, "size": 3}}, AUG, 4)
     assert plain.groups is None and with_groups.groups is not None
     a, b = plain.state_dict(), with_groups.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert set(b) - set(a) == {"groups.seed", "groups.draws"} and all(torch.equal(a[k], b[k]) for k in a)
     views = [torch.randn(4, 3, 4, 4) for _ in range(2)]
     rng = torch.get_rng_state()
     out = plain(SimpleNamespace(views=views))
@@ -487,3 +486,18 @@ def test_trainer_resume_reproduces_the_patch_draws(tmp_path, shard_dir):
     assert train(p, "gsssl", root=cut, max_steps=2) == {"stopped_at_step": 2}
     train(p, "gsssl", root=cut)
     assert_same_state(final_state(full, "gsssl"), final_state(cut, "gsssl"))
+
+
+def test_patch_draws_are_resumable_and_differ_between_ranks(monkeypatch):
+    import pipeline.train.dist as pdist
+
+    torch.manual_seed(0)
+    g = PatchGroups(n=2, size=5)
+    view = torch.rand(3, 3, 8, 8)
+    first = g.cut(view, 0)
+    g.draws.zero_()
+    assert torch.equal(g.cut(view, 0), first)                  # (seed, counter) alone fix the draws
+    assert not torch.equal(g.cut(view, 0), first)              # the counter moves on
+    g.draws.zero_()
+    monkeypatch.setattr(pdist, "rank", lambda: 1)
+    assert not torch.equal(g.cut(view, 0), first)              # another rank cuts elsewhere

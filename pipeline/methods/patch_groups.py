@@ -11,17 +11,18 @@ and MoCo-v2 take it as the `groups` option (the paper's Table 5).
 A method file opts in with `**group_params()` in its PARAMS and a `PatchGroups` built from its block.
 The n patches of one view are encoded in one pass (BatchNorm sees the n x B patches of that view, as
 SwAV-style multi-crop batches crops of one size; the two views stay separate passes, as in SimCLR here).
-Random draws: patch positions and per-patch augmentation use a generator seeded from the global torch
-RNG (so checkpoints, which save it, make resume exact) mixed with the rank (so ranks, which share the
-seed, do not cut their images at the same places).
+Random draws: patch positions and per-patch augmentation use a generator seeded per call from a seed
+and a draw counter that are buffers of the module (so a checkpoint resumes the exact patch sequence,
+whatever else consumes the global RNG, e.g. a DataLoader starting) and the rank (so ranks, which share
+the seed, do not cut their images at the same places).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pipeline.data.patch_augment import PatchAugment
 from pipeline.data.patch_crops import min_overlapping_size, random_patches
@@ -42,38 +43,47 @@ def group_params(pairing: bool = True) -> dict[str, Validator]:
     return {"groups": Section({"n": Int(1), "size": Int(1), **aug}, optional=tuple(aug))}
 
 
-@dataclass(frozen=True)
-class PatchGroups:
-    n: int
-    size: int
-    jitter_p: float = 0.8
-    jitter: tuple = (0.4, 0.4, 0.2, 0.1)
-    grayscale_p: float = 0.2
-    hflip_p: float = 0.5
-    blur_p: tuple = (1.0, 0.1)
-    solarize_p: tuple = (0.0, 0.2)
-    pairing: str = "patch_to_mean"
+AUG_DEFAULTS = {"jitter_p": 0.8, "jitter": (0.4, 0.4, 0.2, 0.1), "grayscale_p": 0.2, "hflip_p": 0.5,
+                "blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2), "pairing": "patch_to_mean"}
+
+
+class PatchGroups(nn.Module):
+    """n patches of size x size per view and their augmentation (VICReg's defaults); no parameters, two
+    buffers (the patch RNG's seed and draw counter) so checkpoints carry the patch sequence."""
+
+    def __init__(self, n: int, size: int, **aug):
+        super().__init__()
+        self.n, self.size = n, size
+        for k, v in {**AUG_DEFAULTS, **aug}.items():
+            setattr(self, k, tuple(v) if isinstance(v, list) else v)
+        self.register_buffer("seed", torch.randint(0, 2**62, ()))
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))
 
     @classmethod
     def from_block(cls, block: dict, image_size: int, key: str) -> "PatchGroups":
         """From a validated `groups` block; `key` names it in errors (e.g. methods.gsssl.groups)."""
-        g = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in block.items()})
         lo = min_overlapping_size(image_size)
-        if not lo <= g.size <= image_size:
+        if not lo <= block["size"] <= image_size:
             raise ParamError(f"{key}.size: expected {lo}..{image_size} (more than half the {image_size} px view, "
-                             f"so that patches overlap), got {g.size}")
-        return g
+                             f"so that patches overlap), got {block['size']}")
+        return cls(**block)
 
     def augmenter(self, branch: int) -> PatchAugment:
         return PatchAugment(jitter_p=self.jitter_p, jitter=tuple(self.jitter), grayscale_p=self.grayscale_p,
                             hflip_p=self.hflip_p, blur_p=self.blur_p[branch], solarize_p=self.solarize_p[branch],
                             noise_p=0.0)   # VICReg's set has no pixel noise
 
+    def next_generator(self, device) -> torch.Generator:
+        """A fresh generator per call, from (seed, draw counter, rank); advances the counter."""
+        seed = hash((int(self.seed), int(self.draws), dist.rank())) % 2**63   # ints hash deterministically
+        self.draws += 1
+        return torch.Generator(device=device).manual_seed(seed)
+
     def cut(self, view: torch.Tensor, branch: int, pixel_norm=None, generator: torch.Generator | None = None
             ) -> torch.Tensor:
         """n augmented patches of every image of a (B, C, S, S) view -> (n, B, C, size, size).
         pixel_norm: the view's (mean, std) normalisation, undone around the photometric ops."""
-        generator = generator if generator is not None else rank_generator(view.device)
+        generator = generator if generator is not None else self.next_generator(view.device)
         patches, _ = random_patches(view, self.n, self.size, generator)
         mean, std = pixel_norm if pixel_norm is not None else (None, None)
         flat = self.augmenter(branch)(patches.flatten(0, 1), 1, mean=mean, std=std, generator=generator)
@@ -90,9 +100,3 @@ def encode_patches(encode: Callable[[torch.Tensor], torch.Tensor], patches: torc
     patch-major (z_i = out[i]). The group mean is out.mean(0)."""
     n, b = patches.shape[:2]
     return F.normalize(encode(patches.flatten(0, 1)), dim=-1).view(n, b, -1)
-
-
-def rank_generator(device) -> torch.Generator:
-    """A generator for this step's draws: seeded from the global RNG (checkpointed) and the rank."""
-    seed = int(torch.randint(0, 2**62, ()).item())
-    return torch.Generator(device=device).manual_seed((seed + 1_000_003 * dist.rank()) % 2**63)
