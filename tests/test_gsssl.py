@@ -161,7 +161,7 @@ def test_patches_have_the_size_and_content_of_their_windows():
 
 
 def _all_pairs_overlap(off, size):
-    n = off.shape[0]
+    """(every pair of an image's windows shares pixels, number of pairs that do not); off (n, B, 2)."""
     gap = (off[:, None] - off[None, :]).abs()                          # (n, n, B, 2)
     return bool((gap < size).all()), int((gap >= size).any(-1).sum()) // 2
 

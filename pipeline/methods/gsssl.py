@@ -66,7 +66,7 @@ class GSSSL(ProjectorMethod):
 
     def __init__(self, backbone, cfg, augment, image_size):
         super().__init__(backbone, cfg, augment, image_size)
-        self.groups = PatchGroups.from_block(self.cfg["groups"], image_size, "methods.gsssl.groups")
+        self.groups = PatchGroups.of_method(self)
 
     def forward(self, batch):
         z, w = (self.groups.embed(self.project, v, i, self.pixel_norm) for i, v in enumerate(batch.views[:2]))

@@ -38,8 +38,7 @@ class MoCoV2(ProjectorMethod):
         self.key_backbone = momentum_copy(self.backbone)
         self.key_projector = momentum_copy(self.projector)
         self.queue = KeyQueue(self.cfg["queue_size"], self.cfg["proj_dim"])
-        self.groups = (PatchGroups.from_block(self.cfg["groups"], image_size, f"methods.{self.NAME}.groups")
-                       if "groups" in self.cfg else None)
+        self.groups = PatchGroups.of_method(self)
 
     @torch.no_grad()
     def key(self, x):

@@ -68,6 +68,12 @@ class PatchGroups(nn.Module):
                              f"so that patches overlap), got {block['size']}")
         return cls(**block)
 
+    @classmethod
+    def of_method(cls, method: nn.Module) -> "PatchGroups | None":
+        """The groups of a method whose block has a `groups` key (None without one: grouping off)."""
+        block = method.cfg.get("groups")
+        return None if block is None else cls.from_block(block, method.image_size, f"methods.{method.NAME}.groups")
+
     def augmenter(self, branch: int) -> PatchAugment:
         return PatchAugment(jitter_p=self.jitter_p, jitter=tuple(self.jitter), grayscale_p=self.grayscale_p,
                             hflip_p=self.hflip_p, blur_p=self.blur_p[branch], solarize_p=self.solarize_p[branch],

@@ -58,8 +58,7 @@ class SimCLR(ProjectorMethod):
 
     def __init__(self, backbone, cfg, augment, image_size):
         super().__init__(backbone, cfg, augment, image_size)
-        self.groups = (PatchGroups.from_block(self.cfg["groups"], image_size, f"methods.{self.NAME}.groups")
-                       if "groups" in self.cfg else None)
+        self.groups = PatchGroups.of_method(self)
 
     def forward(self, batch):
         if self.groups is not None:
