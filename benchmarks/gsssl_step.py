@@ -7,7 +7,8 @@ Each run is built from the params file exactly as the trainer builds it (its met
 image size) and timed on random view tensors of the loader's shape: forward (including patch cutting and
 per-patch augmentation), backward, SGD step and after_step. One warm-up step per run, then `--rounds`
 rounds in which every run does `--steps` steps in turn (interleaved, so load from other processes hits all
-runs alike); the median step time per run and its ratio to the first run are reported.
+runs alike); the median step time per run and its ratio to the first run are reported, both wall-clock
+and process CPU time (all threads): on a shared machine the CPU time is the steadier measure of cost.
 """
 from __future__ import annotations
 
@@ -52,13 +53,13 @@ def main(argv=None) -> None:
 
     def step(run):
         method, opt = models[run]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = method(batch)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
         method.after_step(0.5)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
     for run in a.runs:
         step(run)   # warm-up
@@ -66,14 +67,16 @@ def main(argv=None) -> None:
     for _ in range(a.rounds):
         for run in a.runs:
             times[run] += [step(run) for _ in range(a.steps)]
-    base = statistics.median(times[a.runs[0]])
+    med = {run: [statistics.median(t[j] for t in ts) for j in (0, 1)] for run, ts in times.items()}
+    ref = a.runs[0]
     result = {"batch": a.batch, "image_size": size, "threads": torch.get_num_threads(), "host": platform.node(),
-              "runs": {run: {"method": p["runs"][run]["method"], "block": {k: v for k, v in p["methods"][p["runs"][run]["method"]].items() if k != "train"},
-                             "overrides": p["runs"][run].get("overrides", {}),
-                             "median_step_s": statistics.median(ts), "steps_s": ts,
-                             "ratio_to_" + a.runs[0]: statistics.median(ts) / base} for run, ts in times.items()}}
+              "runs": {run: {"method": p["runs"][run]["method"], "overrides": p["runs"][run].get("overrides", {}),
+                             "median_wall_s": med[run][0], "median_cpu_s": med[run][1], "steps_wall_cpu_s": times[run],
+                             f"wall_ratio_to_{ref}": med[run][0] / med[ref][0],
+                             f"cpu_ratio_to_{ref}": med[run][1] / med[ref][1]} for run in a.runs}}
     for run, r in result["runs"].items():
-        print(f"{run:>14}: {r['median_step_s']:.3f} s/step  x{r['ratio_to_' + a.runs[0]]:.2f}")
+        print(f"{run:>14}: wall {r['median_wall_s']:.3f} s/step x{r[f'wall_ratio_to_{ref}']:.2f}   "
+              f"cpu {r['median_cpu_s']:.3f} s/step x{r[f'cpu_ratio_to_{ref}']:.2f}")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
