@@ -5,6 +5,9 @@ augmented on its own, independently of the others and of the whole image: colour
 contrast, saturation, hue), solarisation, Gaussian blur and Gaussian noise. The paper gives no
 probabilities or strengths; each operator is applied to each patch independently with its own
 probability (so every patch gets a random combination, possibly none), with DINO-like defaults.
+Greyscale and horizontal flip (off by default) complete VICReg's set for GSSSL's patches (GSSSL §4.1,
+Figure 1: colour jitter, greyscale, flip, blur, solarisation); their draws come after all the others and
+only when enabled, so settings without them give bit-identical results.
 
 Vectorised: the batch is laid out patch-major, (B, g, g, C, ph*pw), per-patch parameters and masks are
 broadcast over the pixels, hue shifts are one batched 3x3 matmul, and blur runs as one grouped
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-OPS = ("jitter", "blur", "solarize", "noise")     # applied in this order
+OPS = ("jitter", "grayscale", "blur", "solarize", "noise", "hflip")     # applied in this order
 
 
 def _uniform(shape, lo: float, hi: float, device, generator) -> torch.Tensor:
@@ -70,13 +73,15 @@ def patch_augment(x: torch.Tensor, grid: int, *, enabled: bool = True, mean=None
                   jitter_p: float = 0.8, jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
                   blur_p: float = 0.2, blur_sigma: tuple[float, float] = (0.1, 2.0),
                   solarize_p: float = 0.2, solarize_threshold: float = 0.5,
-                  noise_p: float = 0.2, noise_std: float = 0.05,
+                  noise_p: float = 0.2, noise_std: float = 0.05, grayscale_p: float = 0.0, hflip_p: float = 0.0,
                   generator: torch.Generator | None = None, return_masks: bool = False):
     """Augment every patch of a batch of views independently (§3.3).
 
     x: (B, C, H, W), H and W divisible by `grid` (the ViT's patches per side). jitter = (brightness,
     contrast, saturation, hue) strengths as torchvision's ColorJitter (factors drawn per patch);
-    contrast uses the patch's own mean grey. Each op's probability is per patch. mean/std: the
+    contrast uses the patch's own mean grey. Each op's probability is per patch; grayscale follows
+    jitter (torchvision's RandomGrayscale: luma copied to every channel) and hflip mirrors the patch in
+    place (last, it commutes with the per-pixel ops). mean/std: the
     normalisation of x, if any. Returns the augmented batch (same shape and dtype), and with
     `return_masks` also {op: (B, grid, grid) bool} of the patches each op was applied to.
     """
@@ -91,7 +96,7 @@ def patch_augment(x: torch.Tensor, grid: int, *, enabled: bool = True, mean=None
     # every draw up front, fixed order: the result depends on the seed only
     shape = (B, grid, grid, 1, 1)
     probs = {"jitter": jitter_p, "blur": blur_p, "solarize": solarize_p, "noise": noise_p}
-    masks = {op: torch.rand(shape, device=dev, generator=generator) < probs[op] for op in OPS}
+    masks = {op: torch.rand(shape, device=dev, generator=generator) < probs[op] for op in probs}
     b, c, s, h = jitter
     f_b = _uniform(shape, max(0.0, 1 - b), 1 + b, dev, generator)
     f_c = _uniform(shape, max(0.0, 1 - c), 1 + c, dev, generator)
@@ -99,6 +104,8 @@ def patch_augment(x: torch.Tensor, grid: int, *, enabled: bool = True, mean=None
     f_h = _uniform((B, grid, grid), -h, h, dev, generator) * (2 * math.pi)
     sigma = _uniform((B, grid, grid), blur_sigma[0], blur_sigma[1], dev, generator)
     noise = torch.randn((B, grid, grid, C, ph * pw), device=dev, generator=generator) * noise_std
+    for op, p in (("grayscale", grayscale_p), ("hflip", hflip_p)):   # drawn last, and only when used
+        masks[op] = (torch.rand(shape, device=dev, generator=generator) < p) if p > 0 else torch.zeros(shape, dtype=torch.bool, device=dev)
 
     # patch-major layout (B, g, g, C, ph*pw), one copy: per-patch parameters broadcast over contiguous
     # inner dims (fast elementwise ops), and blur sees each patch as a plain (C, ph, pw) image
@@ -117,6 +124,8 @@ def patch_augment(x: torch.Tensor, grid: int, *, enabled: bool = True, mean=None
             if h > 0:
                 j = (_hue_matrix(f_h) @ j).clamp(0, 1)
         y = torch.where(masks["jitter"], j, y)
+    if grayscale_p > 0:
+        y = torch.where(masks["grayscale"], _gray(y).expand_as(y), y)
     if blur_p > 0:
         k = min(2 * math.ceil(2 * blur_sigma[1]) + 1, 2 * min(ph, pw) - 1)   # ~2 sigma each side, within a patch
         if k >= 3:
@@ -130,9 +139,11 @@ def patch_augment(x: torch.Tensor, grid: int, *, enabled: bool = True, mean=None
         y = torch.where(masks["noise"], (y + noise).clamp(0, 1), y)
 
     y = (y - m_) / s_ if mean is not None else y
-    any_op = masks["jitter"] | masks["blur"] | masks["solarize"] | masks["noise"]
-    out = torch.where(any_op, y, x_p)
-    out = out.reshape(B, grid, grid, C, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+    any_op = masks["jitter"] | masks["grayscale"] | masks["blur"] | masks["solarize"] | masks["noise"]
+    out = torch.where(any_op, y, x_p).reshape(B, grid, grid, C, ph, pw)
+    if hflip_p > 0:
+        out = torch.where(masks["hflip"].unsqueeze(-1), out.flip(-1), out)
+    out = out.permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
     if return_masks:
         return out, {op: masks[op].reshape(B, grid, grid) for op in OPS}
     return out
@@ -150,10 +161,13 @@ class PatchAugment:
     solarize_threshold: float = 0.5
     noise_p: float = 0.2
     noise_std: float = 0.05
+    grayscale_p: float = 0.0
+    hflip_p: float = 0.0
 
     def __call__(self, x: torch.Tensor, grid: int, mean=None, std=None, generator=None, return_masks=False):
         return patch_augment(x, grid, enabled=self.enabled, mean=mean, std=std, jitter_p=self.jitter_p,
                              jitter=tuple(self.jitter), blur_p=self.blur_p, blur_sigma=tuple(self.blur_sigma),
                              solarize_p=self.solarize_p, solarize_threshold=self.solarize_threshold,
-                             noise_p=self.noise_p, noise_std=self.noise_std, generator=generator,
+                             noise_p=self.noise_p, noise_std=self.noise_std, grayscale_p=self.grayscale_p,
+                             hflip_p=self.hflip_p, generator=generator,
                              return_masks=return_masks)

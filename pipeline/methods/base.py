@@ -25,6 +25,9 @@ class Method(nn.Module):
     NAME = "?"
     PARAMS: dict[str, Validator] = {}
     DEFAULTS: dict = {}
+    # the loader's normalisation of the views, (mean, std), set by the trainer: for methods that augment
+    # view tensors in pixel space (patch-level augmentation); None = views in [0, 1]
+    pixel_norm: tuple | None = None
 
     def __init__(self, backbone: nn.Module, cfg: dict, augment: dict, image_size: int):
         super().__init__()

@@ -6,7 +6,7 @@ import pkgutil
 from pathlib import Path
 
 _METHODS: dict[str, type] = {}
-_NOT_METHODS = {"base", "registry", "memory"}
+_NOT_METHODS = {"base", "registry", "memory", "patch_groups"}
 
 
 def register(name: str):

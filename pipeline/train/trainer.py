@@ -74,6 +74,7 @@ def build_method(p: dict, run: str) -> tuple[nn.Module, dict, dict]:
     image_size = p["dataset"]["image_size"]
     backbone = build_backbone(backbone_cfg, image_size)
     method = registry.get(method_name)(backbone, block, p["augment"], image_size)
+    method.pixel_norm = (tuple(p["dataset"]["mean"]), tuple(p["dataset"]["std"]))
     return method, train, backbone_cfg
 
 
