@@ -198,7 +198,8 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg["amp"]) if cuda else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-    fp = fingerprint(summary["method"], p["methods"][summary["method"]], {k: v for k, v in train_cfg.items() if k not in _RUNTIME_KEYS},
+    # the method's merged settings (its block + the run's overrides): a changed override must not resume
+    fp = fingerprint(summary["method"], method.cfg, {k: v for k, v in train_cfg.items() if k not in _RUNTIME_KEYS},
                      backbone_cfg, p["augment"], p["dataset"], p["seed"], world)
     progress = Progress()
     if paths.checkpoint.exists():
