@@ -77,59 +77,71 @@ def control_pairs(n: int, kind: str, K_idx: np.ndarray, pool_idx: np.ndarray, se
     return pool_idx[a], pool_idx[a]
 
 
-def mine(p: dict, root: str | Path = ".") -> dict:
-    """Run the mine stage for params `p` under `root`; returns the metrics (also written by the stage script)."""
-    root = Path(root)
+def embed_chosen(p: dict, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, "object"]:
+    """Algorithm 1, lines 3-8: the K chosen images encoded un-augmented (float32 throughout).
+    Returns (embeddings (K, D), labels (K,), dataset indices (K,), the training pool's manifest rows)."""
     m, ds = p["mine"], p["dataset"]
     shard_dir = root / "data/shards" / ds["name"]
     manifest = read_manifest(shard_dir, "train")
-    n_pool = pool_size(len(manifest), p["train"]["train_subset"])
-    positions = choose_images(n_pool, m["k_frac"], m["seed"])
+    pool = manifest.iloc[:pool_size(len(manifest), p["train"]["train_subset"])]
+    positions = choose_images(len(pool), m["k_frac"], m["seed"])
     enc_path = root / "data/models" / m["encoder_run"] / "encoder.pt"
     encoder, state = mining_encoder(enc_path, m["layer"])
     if state["image_size"] != ds["image_size"]:
         raise DataError(f"{enc_path}: trained at image_size {state['image_size']}, params say dataset.image_size "
                         f"{ds['image_size']}; rerun its pretrain stage (dvc repro)")
-
-    t0 = time.perf_counter()
     feats, labels, keys = extract_features(encoder, shard_dir, "train", ds["image_size"], ds["mean"], ds["std"],
-                                           m["batch_size"], pick_device(), positions=positions, bf16=False)
-    t_encode = time.perf_counter() - t0
-    K_idx = np.asarray([index_of_key(k) for k in keys], np.int64)  # dataset index of each mined image
-    if len(K_idx) != len(positions):
-        raise DataError(f"{shard_dir}/train: {len(K_idx)} of the {len(positions)} chosen images read; rerun: dvc repro -f shard")
+                                           m["batch_size"], pick_device(), limit=len(pool), positions=positions, bf16=False)
+    if len(keys) != len(positions):
+        raise DataError(f"{shard_dir}/train: {len(keys)} of the {len(positions)} chosen images read; rerun: dvc repro -f shard")
+    return feats, labels, np.asarray([index_of_key(k) for k in keys], np.int64), pool
 
+
+def random_control(m: dict, n: int, feats: np.ndarray, K_idx: np.ndarray, pool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """The control pair set (dataset indices), its similarities and its metrics (pair accuracy from the pool's labels)."""
+    pool_idx = pool["index"].to_numpy(np.int64)
+    label_of = dict(zip(pool_idx.tolist(), pool["label"].tolist()))
+    ra, rp = control_pairs(n, m["random_control"], K_idx, pool_idx, m["seed"])
+    if m["random_control"] == "other_image":
+        unit = feats / np.maximum(np.linalg.norm(feats.astype(np.float64), axis=1, keepdims=True), 1e-12)
+        row = {int(i): k for k, i in enumerate(K_idx)}
+        rsim = np.einsum("ij,ij->i", unit[[row[int(i)] for i in ra]], unit[[row[int(i)] for i in rp]]).astype(np.float32)
+    else:
+        rsim = np.ones(len(ra), np.float32)  # an image with itself
+    metrics = pair_metrics(ra, rp, None, K=len(pool))
+    same = [label_of[int(i)] == label_of[int(j)] for i, j in zip(ra, rp)]
+    metrics.update(kind=m["random_control"], pair_accuracy=float(np.mean(same)) if same else None)
+    return ra, rp, rsim, metrics
+
+
+def mine(p: dict, root: str | Path = ".") -> dict:
+    """Run the mine stage for params `p` under `root`; returns the metrics (the stage script writes them)."""
+    root = Path(root)
+    m, ds = p["mine"], p["dataset"]
+    shard_dir = root / "data/shards" / ds["name"]
     t0 = time.perf_counter()
+    feats, labels, K_idx, pool = embed_chosen(p, root)
+    t_encode = time.perf_counter() - t0
+
+    t0 = time.perf_counter()  # Algorithm 1, lines 10-21, blockwise
     a, q, sim = mine_pairs(feats, m["min_sim"], m["max_sim"], block=m["block"], max_per_anchor=m["max_per_anchor"],
                            progress=True)
     t_mine = time.perf_counter() - t0
     edges = np.linspace(m["min_sim"], m["max_sim"], HIST_BINS + 1) if m["max_sim"] > m["min_sim"] else 1
     semantic = pair_metrics(a, q, labels, K=len(K_idx), sims=sim, bins=edges)
-
-    pool = manifest.iloc[:n_pool]
-    pool_idx, pool_labels = pool["index"].to_numpy(np.int64), pool["label"].to_numpy(np.int64)
-    ra, rp = control_pairs(len(a), m["random_control"], K_idx, pool_idx, m["seed"])
-    if m["random_control"] == "other_image":
-        unit = feats / np.maximum(np.linalg.norm(feats.astype(np.float64), axis=1, keepdims=True), 1e-12)
-        where = {int(i): k for k, i in enumerate(K_idx)}
-        rsim = np.einsum("ij,ij->i", unit[[where[int(i)] for i in ra]], unit[[where[int(i)] for i in rp]]).astype(np.float32)
-    else:
-        rsim = np.ones(len(ra), np.float32)  # an image with itself
-    label_of = dict(zip(pool_idx.tolist(), pool_labels.tolist()))
-    control = pair_metrics(ra, rp, None, K=n_pool)
-    same = [label_of[int(i)] == label_of[int(j)] for i, j in zip(ra, rp)]
-    control.update(kind=m["random_control"], pair_accuracy=float(np.mean(same)) if same else None)
+    ra, rp, rsim, control = random_control(m, len(a), feats, K_idx, pool)
 
     out = root / "data/pairs" / ds["name"]
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    meta = {"encoder_run": m["encoder_run"], "layer": m["layer"], "K": int(len(K_idx)), "pool": int(n_pool),
+    meta = {"encoder_run": m["encoder_run"], "layer": m["layer"], "K": int(len(K_idx)), "pool": int(len(pool)),
             "min_sim": m["min_sim"], "max_sim": m["max_sim"], "max_per_anchor": m["max_per_anchor"], "seed": m["seed"],
             "index": "dataset index (the number in the train shards' sample keys)"}
     write_pairs(tmp / PARQUET["semantic"], K_idx[a], K_idx[q], sim, meta={**meta, "set": "semantic"})
     write_pairs(tmp / PARQUET["random"], ra, rp, rsim, meta={**meta, "set": "random", "kind": m["random_control"]})
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # Algorithm 1, lines 22-23: the pairs become training samples (augmented by the loader)
+    label_of = dict(zip(pool["index"].tolist(), pool["label"].tolist()))
     sps = p["shard"]["samples_per_shard"]
     shards = {"semantic": write_pair_shards(shard_dir, tmp / "semantic", K_idx[a], K_idx[q], label_of, sps, m["seed"],
                                             desc="semantic pair shards"),
@@ -140,8 +152,5 @@ def mine(p: dict, root: str | Path = ".") -> dict:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-
-    metrics = {**{k: v for k, v in meta.items() if k != "index"}, "dataset": ds["name"], "feat_dim": int(feats.shape[1]),
-               "semantic": semantic, "random": control,
-               "seconds": {"encode": t_encode, "mine": t_mine, "shards": t_shards}}
-    return metrics
+    return {**{k: v for k, v in meta.items() if k != "index"}, "dataset": ds["name"], "feat_dim": int(feats.shape[1]),
+            "semantic": semantic, "random": control, "seconds": {"encode": t_encode, "mine": t_mine, "shards": t_shards}}
