@@ -262,6 +262,16 @@ def test_pair_run_trains_on_originals_plus_pairs_and_refuses_other_pairs(project
     assert "is from other settings; starting from scratch" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("method", ["simclr", "simsiam", "vicreg", "dino"])
+def test_any_base_method_trains_with_pairs(project, method):
+    """SePP-ID on another framework (the paper's Tables 3, 10-12) is a pair run naming that method."""
+    p = seppid_params(**{f"pair_runs.seppid-{method}": {"method": method, "backbone": "resnet18_w8", "pairs": "semantic"}})
+    mine(p, project)
+    assert train(p, f"seppid-{method}", root=project, max_steps=2) == {"stopped_at_step": 2}
+    ck = torch.load(project / f"data/checkpoints/seppid-{method}/last.pt", weights_only=False)
+    assert ck["progress"]["step"] == 2 and all(torch.isfinite(v).all() for v in ck["method"].values() if v.is_floating_point())
+
+
 def test_pair_run_needs_the_mine_stage(project):
     with pytest.raises(DataError, match=r"data/pairs/tiny/semantic: no pair shards \(run the mine stage first"):
         train(seppid_params(), "seppid-mocov2", root=project)
