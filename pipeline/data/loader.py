@@ -8,9 +8,12 @@ augmentation RNG is seeded per (seed, epoch, rank, batch), so a run resumed mid-
 batches it already trained on (without decoding them) and continues with identical data.
 
 SePP-ID (§3.2, Fig. 6, eq. 2 with lambda = 1): a run with pairs also reads the pair shards of the mine
-stage. They are dealt, cycled and shuffled exactly like the train shards, so an epoch holds every original
-image (two views of one image) and every pair (view 0 of the anchor, view 1 of its semantic positive, any
-further views of the anchor) once; the base method's loss then treats each pair like any positive pair.
+stage. They are dealt, cycled and shuffled exactly like the train shards, and an epoch is as many samples
+as there are originals plus pairs: every original image (two views of one image) and every pair (view 0
+of the anchor, view 1 of its semantic positive, any further views of the anchor) once per epoch; exactly
+once with one reader and no shuffle buffer, while the buffer and uneven shard dealing move a few samples
+across epoch boundaries, as they do for the originals. The base method's loss then treats each pair like
+any positive pair. Without pairs the stream is the plain one, unchanged.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ class Batch:
     geometry: list[torch.Tensor]    # one (B, 5) tensor per view: top, left, height, width, flipped
     label: torch.Tensor             # for diagnostics only; methods must not read it
     index: torch.Tensor             # dataset index of each image (of the anchor, for a pair)
-    positive: torch.Tensor | None = None  # dataset index of the image behind view 1 (== index unless a pair)
+    positive: torch.Tensor | None = None  # image behind view 1 (== index unless a SePP-ID pair); diagnostics only
 
     def to(self, device, channels_last: bool = False) -> "Batch":
         fmt = torch.channels_last if channels_last else torch.contiguous_format
