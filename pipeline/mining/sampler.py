@@ -32,7 +32,6 @@ from pipeline.params import DataError, ParamError
 from pipeline.utils import pick_device
 
 HIST_BINS = 20
-PAIR_SETS = ("semantic", "random")
 PARQUET = {"semantic": "pairs.parquet", "random": "random.parquet"}
 
 
