@@ -11,7 +11,7 @@ from pipeline.params import ParamError, PipelineError
 def params_and_run(argv: list[str], stage: str) -> tuple[dict, str]:
     """Validated params and the one run a per-run stage was given; both checked before any compute."""
     if len(argv) != 1:
-        raise ParamError(f"usage: python stages/{stage}.py <run>  (a name under runs: in params.yaml)")
+        raise ParamError(f"usage: python stages/{stage}.py <run>  (a name under runs: or pair_runs: in params.yaml)")
     p = params.load()
     params.method_config(p, argv[0])
     return p, argv[0]

@@ -113,10 +113,12 @@ def Section(schema: dict[str, Validator], optional: tuple[str, ...] = ()) -> Val
     return check
 
 
-def MapOf(value: Validator) -> Validator:
+def MapOf(value: Validator, allow_empty: bool = False) -> Validator:
     def check(v, key):
-        if not isinstance(v, dict) or not v:
-            _fail(key, "a non-empty mapping", v)
+        if allow_empty and v is None:
+            v = {}
+        if not isinstance(v, dict) or not (v or allow_empty):
+            _fail(key, "a mapping" if allow_empty else "a non-empty mapping", v)
         return {k: value(x, _join(key, str(k))) for k, x in v.items()}
     return check
 
@@ -153,6 +155,16 @@ TRAIN_KEYS: dict[str, Validator] = {
 }
 TRAIN = Section(TRAIN_KEYS, optional=("lr_scaling", "weight_decay_end"))
 RUN = Section({"method": Str(), "backbone": Str(), "overrides": lambda v, k: v}, optional=("overrides",))
+PAIR_KINDS = ("semantic", "random")
+# a run trained on the original images plus a pair set of the mine stage (SePP-ID §3.2)
+PAIR_RUN = Section({"method": Str(), "backbone": Str(), "pairs": Str(PAIR_KINDS), "overrides": lambda v, k: v},
+                   optional=("overrides",))
+# SePP-ID semantic sampler (§3.1, Algorithm 1): which encoder, which layer, which images, which bounds
+MINE = Section({
+    "encoder_run": Str(), "layer": Str(("projector", "backbone")), "k_frac": Float(0, 1, open_min=True),
+    "min_sim": Float(-1, 1), "max_sim": Float(-1, 1), "block": Int(1), "max_per_anchor": Int(0), "seed": Int(0),
+    "batch_size": Int(1), "random_control": Str(("same_image", "other_image")),
+})
 EVALUATE = Section({
     "batch_size": Int(1), "knn_k": List(Int(1), min_len=1), "knn_temperature": Float(0, open_min=True),
     "linear_C": List(Float(0, open_min=True), min_len=1), "linear_val_fraction": Float(0, 0.9, open_min=True),
@@ -161,9 +173,12 @@ EVALUATE = Section({
 })
 REPORT = Section({"title": Str()})
 
+RUN_SECTIONS = ("runs", "pair_runs")
+
 TOP = {
     "seed": Int(0), "launcher": Str(), "dataset": DATASET, "shard": SHARD, "backbones": MapOf(BACKBONE), "runs": MapOf(RUN),
     "augment": AUGMENT, "train": TRAIN, "methods": MapOf(lambda v, k: v), "evaluate": EVALUATE, "report": REPORT,
+    "mine": MINE, "pair_runs": MapOf(PAIR_RUN, allow_empty=True),
 }
 
 
@@ -177,13 +192,24 @@ def validate(raw: dict) -> dict:
     for name, block in p["methods"].items():
         registry.get(name, key=f"methods.{name}")
         p["methods"][name] = _method_block(name, block, f"methods.{name}")
-    for run, spec in p["runs"].items():
-        if spec["method"] not in p["methods"]:
-            raise ParamError(f"runs.{run}.method: {spec['method']!r} has no block under methods (have: {', '.join(p['methods'])})")
-        if "overrides" in spec:
-            spec["overrides"] = _method_block(spec["method"], spec["overrides"], f"runs.{run}.overrides")
-        if spec["backbone"] not in p["backbones"]:
-            raise ParamError(f"runs.{run}.backbone: {spec['backbone']!r} is not defined under backbones (have: {', '.join(p['backbones'])})")
+    for section in RUN_SECTIONS:
+        for run, spec in p[section].items():
+            if spec["method"] not in p["methods"]:
+                raise ParamError(f"{section}.{run}.method: {spec['method']!r} has no block under methods (have: {', '.join(p['methods'])})")
+            if "overrides" in spec:
+                spec["overrides"] = _method_block(spec["method"], spec["overrides"], f"{section}.{run}.overrides")
+            if spec["backbone"] not in p["backbones"]:
+                raise ParamError(f"{section}.{run}.backbone: {spec['backbone']!r} is not defined under backbones (have: {', '.join(p['backbones'])})")
+    for run in p["pair_runs"]:
+        # one stage, one encoder, one metrics file per name: a name may not mean two runs
+        if run in p["runs"]:
+            raise ParamError(f"pair_runs.{run}: the name is already a run under runs (run names must be unique across runs and pair_runs)")
+    m = p["mine"]
+    if m["encoder_run"] not in p["runs"]:
+        # a pair run cannot mine: its own training would depend on the pairs it mines (a cycle)
+        raise ParamError(f"mine.encoder_run: {m['encoder_run']!r} is not a run under runs (have: {', '.join(p['runs'])})")
+    if m["min_sim"] > m["max_sim"]:
+        raise ParamError(f"mine.min_sim: expected <= mine.max_sim ({m['max_sim']}), got {m['min_sim']}")
     for name, bb in p["backbones"].items():
         if bb["arch"].startswith("vit") and "patch_size" not in bb:
             raise ParamError(f"backbones.{name}.patch_size: missing (required for {bb['arch']})")
@@ -220,14 +246,21 @@ def load(path: str | Path = "params.yaml") -> dict:
         raise ParamError(f"{path}: {e}") from None
 
 
+def run_spec(p: dict, run: str) -> dict:
+    """A run's entry, from `runs:` or `pair_runs:` (names are unique across both)."""
+    for section in RUN_SECTIONS:
+        if run in p.get(section, {}):
+            return p[section][run]
+    have = [r for section in RUN_SECTIONS for r in p.get(section, {})]
+    raise ParamError(f"runs.{run}: no such run under runs or pair_runs (have: {', '.join(have)})")
+
+
 def method_config(p: dict, run: str) -> tuple[str, dict, dict, dict]:
     """(method name, method block, merged train settings, backbone block) for one run.
 
     A run may override its method's block (`runs.<run>.overrides`), e.g. DINO on a ViT with AdamW beside
     DINO on a ResNet with SGD; overrides are validated against the method's schema like the block itself."""
-    if run not in p["runs"]:
-        raise ParamError(f"runs.{run}: no such run (have: {', '.join(p['runs'])})")
-    spec = p["runs"][run]
+    spec = run_spec(p, run)
     over = dict(spec.get("overrides", {}))
     block = {**p["methods"][spec["method"]], **over}
     # trainer settings: shared train <- the method's train <- the run's train

@@ -18,7 +18,7 @@ def run(argv):
     if train[0].shape[1] != test[0].shape[1]:
         raise params.DataError(f"{feat_dir}: train and test features differ in width "
                                f"({train[0].shape[1]} vs {test[0].shape[1]}); rerun: dvc repro -f features@{name}")
-    spec = p["runs"][name]
+    spec = params.run_spec(p, name)
     metrics = evaluate_features(train, test, p["evaluate"], seed=p["seed"])
     out = Path("reports/metrics/evaluate") / f"{name}.json"
     atomic_write_json({"run": name, "method": spec["method"], "backbone": spec["backbone"], **metrics}, out)

@@ -1,6 +1,7 @@
 """report stage: `python stages/report.py` -> reports/report.md, reports/report.html, reports/figures/*.png.
 
-Reads only the metrics files of the runs in params.yaml (and the papers' reference numbers); a missing
+Reads only the metrics files of the runs and pair runs in params.yaml (plus the mine stage's metrics and
+the papers' reference numbers); a missing
 metrics file is a one-line error naming it.
 """
 import sys
@@ -11,8 +12,8 @@ from pipeline.report.build import build
 
 def run() -> None:
     p = params.load("params.yaml")
-    paths = build(".", p["runs"], p["dataset"]["name"], p["report"]["title"])
-    print(f"report: {len(p['runs'])} runs -> {', '.join(str(x) for x in paths)}")
+    paths = build(".", p["runs"], p["dataset"]["name"], p["report"]["title"], pair_runs=p["pair_runs"])
+    print(f"report: {len(p['runs']) + len(p['pair_runs'])} runs -> {', '.join(str(x) for x in paths)}")
 
 
 if __name__ == "__main__":

@@ -46,12 +46,21 @@ def runs(project):
     return yaml.safe_load((project / "params.yaml").read_text())["runs"]
 
 
+def pair_runs(project):
+    return yaml.safe_load((project / "params.yaml").read_text())["pair_runs"]
+
+
 def test_every_stage_wrote_its_outputs(project):
     shards = project / "data/shards/cifar10-tiny"
     assert len(list((shards / "train").glob("*.tar"))) == 4 and (shards / "manifest.parquet").exists()
     shard_metrics = json.loads((project / "reports/metrics/shard.json").read_text())
     assert shard_metrics["images"] == {"train": 1000, "test": 1000} and shard_metrics["skipped_corrupt"] == 0
-    for run, spec in runs(project).items():
+    mine = json.loads((project / "reports/metrics/mine.json").read_text())
+    assert mine["K"] == 100 and 0 < mine["semantic"]["pairs"] <= 2 * 100  # tiny: 10% of 1000, at most 2 per anchor
+    assert mine["random"]["pairs"] == mine["semantic"]["pairs"] and 0 <= mine["semantic"]["pair_accuracy"] <= 1
+    for name in ("pairs.parquet", "random.parquet", "semantic/meta.json", "random/meta.json"):
+        assert (project / "data/pairs/cifar10-tiny" / name).exists()
+    for run, spec in {**runs(project), **pair_runs(project)}.items():
         assert (project / f"data/models/{run}/encoder.pt").exists()
         feats = np.load(project / f"data/features/{run}/train.npz")
         # ResNet-18 at width 8: 8 * 8 channels; ViT-Tiny: 192
@@ -60,14 +69,16 @@ def test_every_stage_wrote_its_outputs(project):
         assert set(ev["knn"]) == {"10", "20", "200"} and 10 <= ev["linear"]["top1"] <= 100
         assert set(ev["semi"]["0.1"]) == {"logreg", "label_spreading"}
         pre = json.loads((project / f"reports/metrics/pretrain/{run}.json").read_text())
-        assert pre["steps"] == (0 if spec["method"] == "random" else 1000 // 64)
+        extra = mine["semantic"]["pairs"] if spec.get("pairs") else 0  # SePP-ID: originals + pairs per epoch
+        assert pre["steps"] == (0 if spec["method"] == "random" else (1000 + extra) // 64)
     assert "loss" in (project / "reports/plots/pretrain/simclr.csv").read_text().splitlines()[0]
 
 
 def test_report_lists_both_methods_and_the_floor(project):
     md = (project / "reports/report.md").read_text()
-    for run in runs(project):
+    for run in {**runs(project), **pair_runs(project)}:
         assert run in md
+    assert "## SePP-ID: mined pairs" in md and "(figures/similarity.png)" in md
     html = (project / "reports/report.html").read_text()
     assert "data:image/png;base64," in html
     assert sh("dvc status", project).stdout.strip().endswith("up to date.")
@@ -91,11 +102,16 @@ def test_params_changes_touch_only_their_stages(project):
             path.write_text(original)
         return set(json.loads(out))
 
-    all_runs = runs(project)
-    assert stale_after(["evaluate", "knn_temperature"], 0.07) == {f"evaluate@{r}" for r in all_runs}
+    all_runs, paired = runs(project), pair_runs(project)
+    assert stale_after(["evaluate", "knn_temperature"], 0.07) == (
+        {f"evaluate@{r}" for r in all_runs} | {f"evaluate_pairs@{r}" for r in paired})
     assert stale_after(["methods", "simclr", "temperature"], 0.2) == {"pretrain@simclr"}
     assert stale_after(["report", "title"], "x") == {"report"}
-    assert stale_after(["train", "lr"], 0.1) == {f"pretrain@{r}" for r in all_runs}
+    assert stale_after(["train", "lr"], 0.1) == {f"pretrain@{r}" for r in all_runs} | {f"pretrain_pairs@{r}" for r in paired}
+    # SePP-ID: a mine.* change reruns the mine stage and the pair runs, never a plain run
+    assert stale_after(["mine", "min_sim"], 0.95) == {"mine"} | {f"pretrain_pairs@{r}" for r in paired}
+    assert stale_after(["pair_runs", "seppid-random", "pairs"], "semantic") == {"pretrain_pairs@seppid-random",
+                                                                                "evaluate_pairs@seppid-random", "report"}
     assert stale_after(["backbones", "vit_tiny_p8", "depth"], 2) == {"pretrain@dino-vit", "pretrain@random-vit_tiny_p8"}
 
 

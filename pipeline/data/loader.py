@@ -6,6 +6,14 @@ and produces exactly its share of a fixed number of batches per epoch: every ran
 of steps (DDP never hangs) whatever the shard sizes. Batches are formed inside the workers and the
 augmentation RNG is seeded per (seed, epoch, rank, batch), so a run resumed mid-epoch skips the
 batches it already trained on (without decoding them) and continues with identical data.
+
+SePP-ID (§3.2, Fig. 6, eq. 2 with lambda = 1): a run with pairs also reads the pair shards of the mine
+stage. They are dealt, cycled and shuffled exactly like the train shards, and an epoch is as many samples
+as there are originals plus pairs: every original image (two views of one image) and every pair (view 0
+of the anchor, view 1 of its semantic positive, any further views of the anchor) once per epoch; exactly
+once with one reader and no shuffle buffer, while the buffer and uneven shard dealing move a few samples
+across epoch boundaries, as they do for the originals. The base method's loss then treats each pair like
+any positive pair. Without pairs the stream is the plain one, unchanged.
 """
 from __future__ import annotations
 
@@ -16,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.shards import group_samples, image_of, read_meta, shard_paths
+from pipeline.data.shards import group_samples, image_of, index_of_key, pair_info, pair_shard_paths, read_meta, shard_paths
 from pipeline.data.views import View, ViewSpec
 from pipeline.utils import mix_seed as _mix
 
@@ -26,12 +34,14 @@ class Batch:
     views: list[torch.Tensor]       # one (B, C, H, W) tensor per view spec
     geometry: list[torch.Tensor]    # one (B, 5) tensor per view: top, left, height, width, flipped
     label: torch.Tensor             # for diagnostics only; methods must not read it
-    index: torch.Tensor             # dataset index of each image
+    index: torch.Tensor             # dataset index of each image (of the anchor, for a pair)
+    positive: torch.Tensor | None = None  # image behind view 1 (== index unless a SePP-ID pair); diagnostics only
 
     def to(self, device, channels_last: bool = False) -> "Batch":
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         return Batch([v.to(device, non_blocking=True, memory_format=fmt) for v in self.views],
-                     [g.to(device) for g in self.geometry], self.label.to(device), self.index.to(device))
+                     [g.to(device) for g in self.geometry], self.label.to(device), self.index.to(device),
+                     None if self.positive is None else self.positive.to(device))
 
 
 def batches_per_epoch(n_samples: int, batch_size: int) -> int:
@@ -48,7 +58,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shard_dir: str | Path, views: list[ViewSpec], mean, std, local_batch: int, n_samples: int,
                  global_batch: int, seed: int, rank: int = 0, world_size: int = 1, subset: int = 0,
-                 shuffle_buffer: int = 2000, split: str = "train"):
+                 shuffle_buffer: int = 2000, split: str = "train", pairs_dir: str | Path | None = None):
         self.paths = [str(p) for p in shard_paths(shard_dir, split)]
         self.views = [View(v, mean, std) for v in views]
         self.local_batch, self.seed, self.rank, self.world = local_batch, seed, rank, world_size
@@ -61,7 +71,12 @@ class ShardStream(IterableDataset):
             n_samples = min(n_samples, subset)
         self.shard_index = {p: k for k, p in enumerate(self.paths)}
         self.n_samples = n_samples
-        self.steps = batches_per_epoch(n_samples, global_batch)
+        self.n_pairs = 0
+        if pairs_dir is not None:
+            # pair shards join the train shards' list: same dealing, cycling and shuffling; no subset applies
+            pair_paths, self.n_pairs = pair_shard_paths(pairs_dir)
+            self.paths += [str(p) for p in pair_paths]
+        self.steps = batches_per_epoch(n_samples + self.n_pairs, global_batch)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_batches
@@ -83,9 +98,9 @@ class ShardStream(IterableDataset):
         return mine or [order[_mix(self.seed, self.epoch, slot) % len(order)]]
 
     def _read(self, path: str):
-        k = self.shard_index[path]
+        k = self.shard_index.get(path)  # None for a pair shard
         for j, s in enumerate(group_samples(Path(path))):
-            if self.subset and k * self.per_shard + j >= self.subset:
+            if self.subset and k is not None and k * self.per_shard + j >= self.subset:
                 return
             yield s
 
@@ -123,15 +138,25 @@ class ShardStream(IterableDataset):
     def _make_batch(self, raw: list[dict]) -> Batch:
         outs = [[] for _ in self.views]
         geos = [[] for _ in self.views]
+        labels, index, positive = [], [], []
         for s in raw:
-            img = image_of(s)
+            pair = pair_info(s)
+            if pair is None:
+                img = second = image_of(s)
+                labels.append(int(s["cls"]))
+                index.append(index_of_key(s["__key__"]))
+                positive.append(index[-1])
+            else:  # SePP-ID: view 1 from the semantic positive, every other view from the anchor
+                img, second = image_of(s, "anchor."), image_of(s, "positive.")
+                labels.append(pair["anchor_label"])
+                index.append(pair["anchor"])
+                positive.append(pair["positive"])
             for k, view in enumerate(self.views):
-                x, g = view(img)
+                x, g = view(second if k == 1 else img)
                 outs[k].append(x)
                 geos[k].append(g)
         return Batch([view.batch(torch.stack(o)) for view, o in zip(self.views, outs)], [torch.stack(g) for g in geos],
-                     torch.tensor([int(s["cls"]) for s in raw]),
-                     torch.tensor([int(s["__key__"].rsplit("-", 1)[1]) for s in raw]))
+                     torch.tensor(labels), torch.tensor(index), torch.tensor(positive))
 
 
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool) -> DataLoader:

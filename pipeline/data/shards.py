@@ -4,12 +4,18 @@ Layout: `<out>/{train,test}/shard-NNNNNN.tar`, `<out>/manifest.parquet` (key, in
 shard, position), `<out>/meta.json` (classes, counts). Each tar member has a fixed mtime, owner and
 mode, and the train split is written in a seeded random order, so the same params give byte-identical
 shards (stable DVC hashes) and any prefix of the train shards is a uniform random subset.
+
+Pair shards (SePP-ID, written by the mine stage): `<dir>/shard-NNNNNN.tar` + `<dir>/meta.json`; each
+sample holds two images, `anchor.<ext>` and `positive.<ext>` (the original bytes, copied from the train
+shards), and `pair.json` (their dataset indices and labels), so training streams pairs like images.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import tarfile
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +28,8 @@ from pipeline.data.sources import Source, decode_rgb, iter_checked
 from pipeline.params import DataError
 
 SPLITS = ("train", "test")
+IMAGE_EXTS = ("jpg", "png", "jpeg", "webp", "bmp", "ppm")
+PAIR_JSON = "pair.json"
 
 
 def sample_key(split: str, index: int) -> str:
@@ -107,20 +115,139 @@ def group_samples(path: Path) -> Iterator[dict]:
         yield s
 
 
-def image_of(sample: dict):
-    for ext in ("jpg", "png", "jpeg", "webp", "bmp", "ppm"):
-        if ext in sample:
-            return decode_rgb(sample[ext])
-    raise DataError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__')} has no image member")
+def image_of(sample: dict, prefix: str = ""):
+    """The decoded image of a sample; `prefix` picks one image of a pair sample ("anchor." / "positive.")."""
+    for ext in IMAGE_EXTS:
+        if prefix + ext in sample:
+            return decode_rgb(sample[prefix + ext])
+    raise DataError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__')} has no {prefix or ''}image member")
 
 
-def iter_split(shard_dir: str | Path, split: str, limit: int = 0) -> Iterator[tuple[str, int, "object"]]:
-    """Every sample of a split in shard order, exactly once: (key, label, PIL image)."""
+def iter_split(shard_dir: str | Path, split: str, limit: int = 0,
+               positions=None) -> Iterator[tuple[str, int, "object"]]:
+    """Every sample of a split in shard order, exactly once: (key, label, PIL image).
+
+    `positions`: only the samples at these positions in shard order (e.g. the K images SePP-ID mines);
+    the others are skipped without being decoded."""
     n = 0
+    keep = None if positions is None else set(int(i) for i in positions)
     for path in shard_paths(shard_dir, split):
         for s in group_samples(path):
-            yield s["__key__"], int(s["cls"]), image_of(s)
+            if keep is None or n in keep:
+                yield s["__key__"], int(s["cls"]), image_of(s)
             n += 1
             if limit and n >= limit:
                 return
+
+
+def index_of_key(key: str) -> int:
+    """The dataset index in a sample key (`train-00001234` -> 1234)."""
+    return int(key.rsplit("-", 1)[1])
+
+
+# --- pair shards (SePP-ID) ---------------------------------------------------------------------------
+
+class MemberReader:
+    """Random access to the image bytes of chosen train samples, by seeking in the (uncompressed) tars.
+
+    Only tar headers are scanned, and only of the shards that hold a wanted key; nothing is decoded or
+    held in memory but (offset, size) per wanted image, so pair shards can be written for any dataset size."""
+
+    def __init__(self, shard_dir: str | Path, split: str, indices):
+        shard_dir = Path(shard_dir)
+        m = read_manifest(shard_dir, split)
+        want = m[m["index"].isin(set(int(i) for i in indices))]
+        self.where: dict[int, tuple[Path, int, int, str]] = {}
+        for shard, rows in want.groupby("shard", sort=True):
+            path = shard_dir / shard
+            wanted = set(rows["key"])
+            try:
+                with tarfile.open(path) as tar:
+                    for info in tar:
+                        key, _, ext = info.name.partition(".")
+                        if key in wanted and ext in IMAGE_EXTS:
+                            self.where[index_of_key(key)] = (path, info.offset_data, info.size, ext)
+            except (OSError, tarfile.TarError) as e:
+                raise DataError(f"{path}: corrupt shard ({type(e).__name__}: {e}); rerun: dvc repro -f shard") from None
+        missing = set(int(i) for i in indices) - set(self.where)
+        if missing:
+            raise DataError(f"{shard_dir}/{split}: no image for dataset index {min(missing)} (shards and pairs disagree; "
+                            "rerun: dvc repro mine)")
+        self._files: dict[Path, object] = {}
+
+    def read(self, index: int) -> tuple[bytes, str]:
+        path, offset, size, ext = self.where[int(index)]
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = open(path, "rb")
+        f.seek(offset)
+        return f.read(size), ext
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def write_pair_shards(shard_dir: str | Path, out: str | Path, anchor, positive, labels: dict[int, int],
+                      samples_per_shard: int, seed: int, desc: str = "pair shards") -> dict:
+    """One sample per pair (anchor image, positive image, pair.json) into `out/shard-*.tar` + `out/meta.json`.
+
+    anchor, positive: dataset indices of train images. Pairs are written in a seeded random order (any prefix
+    is a random subset; the loader's shuffle buffer mixes them with the originals). Bytes are deterministic
+    (fixed mtime/owner/mode, as the train shards). `out` must not exist yet: the caller renames a whole
+    temporary directory into place."""
+    a, p = np.asarray(anchor, np.int64), np.asarray(positive, np.int64)
+    out = Path(out)
+    out.mkdir(parents=True)
+    order = np.random.default_rng(seed).permutation(len(a))
+    reader = MemberReader(shard_dir, "train", np.union1d(a, p)) if len(a) else None
+    writer = None
+    try:
+        for n, r in enumerate(tqdm(order, total=len(a), desc=desc, unit="pair", dynamic_ncols=True)):
+            if n % samples_per_shard == 0:
+                if writer is not None:
+                    writer.close()
+                writer = wds.TarWriter(str(out / f"shard-{n // samples_per_shard:06d}.tar"), mtime=0.0, user="ssl",
+                                       group="ssl", mode=0o444)
+            ai, pi = int(a[r]), int(p[r])
+            (a_bytes, a_ext), (p_bytes, p_ext) = reader.read(ai), reader.read(pi)
+            info = {"anchor": ai, "positive": pi, "anchor_label": int(labels[ai]), "positive_label": int(labels[pi]),
+                    "row": int(r)}
+            writer.write({"__key__": f"pair-{n:08d}", f"anchor.{a_ext}": a_bytes, f"positive.{p_ext}": p_bytes,
+                          PAIR_JSON: json.dumps(info, sort_keys=True).encode()})
+    finally:
+        if writer is not None:
+            writer.close()
+        if reader is not None:
+            reader.close()
+    # the digest names the pair set: a checkpoint trained on other pairs is not resumed
+    digest = hashlib.sha256(np.stack([a[order], p[order]]).tobytes()).hexdigest()[:16]
+    meta = {"pairs": int(len(a)), "samples_per_shard": samples_per_shard, "shards": -(-len(a) // samples_per_shard),
+            "digest": digest}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def read_pair_meta(pair_dir: str | Path) -> dict:
+    """meta.json of one pair set (pairs, shards, digest); DataError naming the directory when it is missing."""
+    path = Path(pair_dir) / "meta.json"
+    if not path.exists():
+        raise DataError(f"{pair_dir}: no pair shards (run the mine stage first: dvc repro mine)")
+    return json.loads(path.read_text())
+
+
+def pair_shard_paths(pair_dir: str | Path) -> tuple[list[Path], int]:
+    """(shard paths, number of pairs) of one pair set."""
+    meta = read_pair_meta(pair_dir)
+    paths = sorted(Path(pair_dir).glob("shard-*.tar"))
+    if len(paths) != meta["shards"]:
+        raise DataError(f"{pair_dir}: {len(paths)} shards, meta.json says {meta['shards']}; rerun: dvc repro -f mine")
+    return paths, int(meta["pairs"])
+
+
+def pair_info(sample: dict) -> dict | None:
+    """The pair.json of a pair sample, None for an ordinary image sample."""
+    raw = sample.get(PAIR_JSON)
+    return None if raw is None else json.loads(raw)
 

@@ -21,11 +21,14 @@ from pipeline.utils import atomic_write_with
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, shard_dir: str | Path, split: str, image_size: int, mean, std,
-                     batch_size: int, device, limit: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                     batch_size: int, device, limit: int = 0, positions=None,
+                     bf16: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(feats float32 (N, D), labels int64 (N,), keys) for `split`, in shard (= manifest) order.
 
     `limit` > 0 keeps the first `limit` samples: the train shards are written in a seeded random order,
-    so a prefix is a uniform random subset.
+    so a prefix is a uniform random subset. `positions` keeps only the samples at these positions in shard
+    order (the images SePP-ID mines), without decoding the others. `bf16=False` keeps float32 on CUDA too
+    (mining compares cosines to 0.01: bf16's 8-bit mantissa would blur the window).
     """
     device = torch.device(device)
     transform = eval_transform(image_size, mean, std)
@@ -33,8 +36,10 @@ def extract_features(backbone: nn.Module, shard_dir: str | Path, split: str, ima
     total = len(read_manifest(shard_dir, split))
     if limit:
         total = min(total, limit)
+    if positions is not None:
+        total = len(positions)
     # bf16 autocast only on CUDA: CPU bf16 matmuls are slow on most CPUs and change the numbers
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and bf16
                 else contextlib.nullcontext())
     feats: list[np.ndarray] = []
     labels: list[int] = []
@@ -49,7 +54,7 @@ def extract_features(backbone: nn.Module, shard_dir: str | Path, split: str, ima
         images.clear()
 
     with tqdm(total=total, desc=f"features {split}", unit="img", dynamic_ncols=True) as bar:
-        for key, label, img in iter_split(shard_dir, split, limit=limit):
+        for key, label, img in iter_split(shard_dir, split, limit=limit, positions=positions):
             images.append(transform(img))
             labels.append(label)
             keys.append(key)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from pipeline.models.backbones import build_backbone
+from pipeline.models.heads import mlp
 from pipeline.params import DataError
 from pipeline.utils import atomic_torch_save
 
@@ -28,3 +29,24 @@ def load_encoder(path: str | Path, map_location="cpu") -> tuple[nn.Module, dict]
     backbone.load_state_dict(state["backbone"])
     backbone.eval()
     return backbone, state
+
+
+def load_head(state: dict, name: str, path: str | Path = "encoder.pt") -> nn.Module:
+    """An exported MLP head (e.g. MoCo-v2's projector) rebuilt from its weights alone: layer sizes are read off
+    the Linear weights, a BatchNorm after the last Linear from its running statistics (heads.mlp's layout)."""
+    sd = state.get("heads", {}).get(name)
+    if sd is None:
+        have = ", ".join(state.get("heads", {})) or "none"
+        raise DataError(f"{path}: exports no {name!r} head (exported heads: {have})")
+    linears = sorted({int(k.split(".")[0]) for k, v in sd.items() if k.endswith(".weight") and v.ndim == 2})
+    if not linears:
+        raise DataError(f"{path}: head {name!r} has no Linear layer")
+    shapes = [tuple(sd[f"{i}.weight"].shape) for i in linears]  # (out, in)
+    in_dim, hidden, out = shapes[0][1], shapes[0][0], shapes[-1][0]
+    last_bn = f"{linears[-1] + 1}.running_mean" in sd
+    head = mlp(in_dim, hidden, out, layers=len(linears), last_bn=last_bn)
+    try:
+        head.load_state_dict(sd)
+    except RuntimeError as e:
+        raise DataError(f"{path}: head {name!r} is not an MLP of pipeline.models.heads ({str(e).splitlines()[0]})") from None
+    return head.eval()

@@ -6,6 +6,11 @@ relative to a `root` directory, so tests can point it at a temporary folder.
 
     report = build_report(root, runs, dataset="cifar10", title="...")   # pure: reads, returns text and PNGs
     paths = write_report(report, root)                                  # atomic writes under root/reports
+
+SePP-ID: runs of `pair_runs:` (trained with the mine stage's pairs) are listed right after their base run
+(the plain run of the same method and backbone), with their pair set's size and pair accuracy from
+reports/metrics/mine.json; a SePP-ID section adds the mining summary, the gain over the base run and the
+similarity histogram of the mined pairs.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ SEED_PAPERS = (
 )
 REF_REQUIRED = ("method", "dataset", "backbone", "epochs", "protocol", "top1", "source")
 FLOOR_METHOD = "random"
+SEPPID_METHOD = "seppid"  # the name of SePP-ID's rows in references.yaml
+MINE_METRICS = "reports/metrics/mine.json"
 # per-epoch CSV columns that are bookkeeping, not loss terms
 CURVE_META = ("epoch", "step", "loss", "lr", "views_per_s", "epoch_time_s")
 DASH = "—"
@@ -48,6 +55,7 @@ class RunMetrics:
     pretrain: dict
     evaluate: dict
     curve: pd.DataFrame | None  # None for an untrained (random) run
+    pairs: str | None = None    # SePP-ID pair set the run trained with (pair_runs), None for a plain run
 
     @property
     def trained(self) -> bool:
@@ -85,13 +93,13 @@ def _read_json(path: Path, what: str) -> dict:
     return obj
 
 
-def _check_same(path: Path, obj: dict, key: str, want: str, run: str) -> None:
+def _check_same(path: Path, obj: dict, key: str, want: str | None, run: str, section: str = "runs") -> None:
     # metrics left from an older params.yaml would otherwise be reported under the new name
     if key in obj and obj[key] != want:
-        raise DataError(f"{path}: {key} {obj[key]!r} does not match runs.{run}.{key} {want!r} (stale metrics: re-run the stage)")
+        raise DataError(f"{path}: {key} {obj[key]!r} does not match {section}.{run}.{key} {want!r} (stale metrics: re-run the stage)")
 
 
-def load_run(root: str | Path, run: str, method: str, backbone: str) -> RunMetrics:
+def load_run(root: str | Path, run: str, method: str, backbone: str, pairs: str | None = None) -> RunMetrics:
     """One run's metrics files under `root`; a missing or unreadable file raises DataError naming it."""
     root = Path(root)
     pre_path = root / "reports/metrics/pretrain" / f"{run}.json"
@@ -99,9 +107,12 @@ def load_run(root: str | Path, run: str, method: str, backbone: str) -> RunMetri
     curve_path = root / "reports/plots/pretrain" / f"{run}.csv"
     pre = _read_json(pre_path, "pretrain")
     ev = _read_json(ev_path, "evaluate")
+    section = "pair_runs" if pairs else "runs"
     for path, obj in ((pre_path, pre), (ev_path, ev)):
-        _check_same(path, obj, "method", method, run)
-        _check_same(path, obj, "backbone", backbone, run)
+        _check_same(path, obj, "method", method, run, section)
+        _check_same(path, obj, "backbone", backbone, run, section)
+    if pairs or "pairs" in pre:  # a plain run's metrics must not come from a pair run of the same name
+        _check_same(pre_path, pre, "pairs", pairs, run, section)
     curve = None
     if method != FLOOR_METHOD and (pre.get("epochs") or 0) > 0:  # a random floor has no curve to plot
         try:
@@ -112,12 +123,35 @@ def load_run(root: str | Path, run: str, method: str, backbone: str) -> RunMetri
             raise DataError(f"{curve_path}: not a readable CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         if not {"epoch", "loss"} <= set(curve.columns):
             raise DataError(f"{curve_path}: expected columns epoch and loss, got {', '.join(map(str, curve.columns))}")
-    return RunMetrics(run, method, backbone, pre, ev, curve)
+    return RunMetrics(run, method, backbone, pre, ev, curve, pairs)
 
 
-def load_runs(root: str | Path, runs: dict[str, dict]) -> list[RunMetrics]:
-    """All runs in params order; `runs` is params.yaml's `runs:` mapping (name -> {method, backbone})."""
-    return [load_run(root, name, spec["method"], spec["backbone"]) for name, spec in runs.items()]
+def load_runs(root: str | Path, runs: dict[str, dict], pair_runs: dict[str, dict] | None = None) -> list[RunMetrics]:
+    """All runs in params order, each pair run right after its base run (same method and backbone; at the end
+    when there is none). `runs` / `pair_runs` are params.yaml's mappings (name -> {method, backbone[, pairs]})."""
+    plain = [load_run(root, name, spec["method"], spec["backbone"]) for name, spec in runs.items()]
+    paired = [load_run(root, name, spec["method"], spec["backbone"], spec["pairs"]) for name, spec in (pair_runs or {}).items()]
+    out, placed = [], set()
+    for m in plain:
+        out.append(m)
+        for q in paired:
+            if q.run not in placed and base_run([m], q) is m:
+                out.append(q)
+                placed.add(q.run)
+    return out + [q for q in paired if q.run not in placed]
+
+
+def base_run(metrics: list[RunMetrics], pair_run: RunMetrics) -> RunMetrics | None:
+    """The plain run a pair run adds pairs to: the first of the same method and backbone."""
+    return next((m for m in metrics if m.pairs is None and m.method == pair_run.method and m.backbone == pair_run.backbone), None)
+
+
+def load_mine(root: str | Path) -> dict:
+    """reports/metrics/mine.json (the mine stage's metrics)."""
+    path = Path(root) / MINE_METRICS
+    if not path.exists():
+        raise DataError(f"{path}: not found (run the mine stage first: dvc repro mine)")
+    return _read_json(path, "mine")
 
 
 def load_references(path: str | Path = REFERENCES) -> list[dict]:
@@ -168,8 +202,23 @@ def _delta_k(metrics: list[RunMetrics]) -> str | None:
     return "200" if "200" in ks else (ks[-1] if ks else None)
 
 
-def comparison_table(metrics: list[RunMetrics]) -> Table:
-    """One row per run: accuracies, pretrain cost, and the gain over the random-init floor of its backbone."""
+def _pair_cells(m: RunMetrics, mine: dict | None) -> list[str]:
+    """(pairs, pair accuracy) cells of a run: the size and accuracy of the pair set it trained with."""
+    if m.pairs is None:
+        return [DASH, DASH]
+    st = (mine or {}).get(m.pairs) or {}
+    n = st.get("pairs", m.pretrain.get("train_pairs"))
+    acc = _num(st.get("pair_accuracy"))
+    if m.pairs == "random" and st.get("kind") == "same_image":
+        acc_cell = "— (image with itself)"
+    else:
+        acc_cell = DASH if acc is None else f"{100 * acc:.1f}%"
+    return [f"{m.pairs} ({DASH if n is None else n})", acc_cell]
+
+
+def comparison_table(metrics: list[RunMetrics], mine: dict | None = None) -> Table:
+    """One row per run: accuracies, pretrain cost, and the gain over the random-init floor of its backbone.
+    With SePP-ID pair runs, two more columns: the pair set (kind and number of pairs) and its pair accuracy."""
     ks = _k_sort(k for m in metrics for k in (m.evaluate.get("knn") or {}))
     fracs = _k_sort(f for m in metrics for f in (m.evaluate.get("semi") or {}))
     learners = sorted({lr for m in metrics for f in (m.evaluate.get("semi") or {}).values() for lr in (f or {})},
@@ -181,7 +230,9 @@ def comparison_table(metrics: list[RunMetrics]) -> Table:
         if m.method == FLOOR_METHOD:
             floors.setdefault(m.backbone, m)
 
-    cols = ["run", "method", "backbone", "epochs"] + [f"kNN-{k}" for k in ks] + ["linear"]
+    with_pairs = any(m.pairs for m in metrics)
+    cols = ["run", "method", "backbone"] + (["pairs (n)", "pair acc."] if with_pairs else []) + ["epochs"]
+    cols += [f"kNN-{k}" for k in ks] + ["linear"]
     cols += [f"semi {_pct_label(f)} {lr}" for f in fracs for lr in learners]
     cols += ["pretrain time (s)", "views/s", "peak mem (MiB)"]
     if dk is not None:
@@ -190,7 +241,7 @@ def comparison_table(metrics: list[RunMetrics]) -> Table:
     for m in metrics:
         ev, pre = m.evaluate, m.pretrain
         knn = ev.get("knn") or {}
-        row = [m.run, m.method, m.backbone, str(pre.get("epochs", DASH))]
+        row = [m.run, m.method, m.backbone] + (_pair_cells(m, mine) if with_pairs else []) + [str(pre.get("epochs", DASH))]
         row += [_fmt(knn.get(k)) for k in ks]
         row.append(_fmt((ev.get("linear") or {}).get("top1")))
         for f in fracs:
@@ -214,7 +265,55 @@ def comparison_table(metrics: list[RunMetrics]) -> Table:
     caption = ("Our runs. Top-1 accuracy (%) on the test split of frozen-backbone features: weighted kNN (cosine, k neighbours), "
                "linear probe (logistic regression), semi-supervised with a fraction of the training labels (mean ± std over seeds). "
                "Δ is the kNN gain over the untrained (random-init) encoder of the same backbone. Time and views/s are for pretraining.")
+    if with_pairs:
+        caption += (" SePP-ID runs follow their base run: trained on the original images plus a pair set of the mine stage "
+                    "(semantic: mined pairs; random: the control of the SePP-ID paper's Table 9, as many pairs). Pair accuracy: "
+                    "share of pairs whose two images have the same label (labels are used for this metric only).")
     return Table("Our results", cols, rows, caption)
+
+
+def _pct(v) -> str:
+    x = _num(v)
+    return DASH if x is None else f"{100 * x:.1f}%"
+
+
+def seppid_tables(metrics: list[RunMetrics], mine: dict) -> list[Table]:
+    """SePP-ID: what the semantic sampler found (both pair sets), and each pair run against its base run."""
+    bounds = f"[{mine.get('min_sim')}, {mine.get('max_sim')}]"
+    cols = ["pair set", "encoder (layer)", "K of pool", "bounds", "pairs", "anchors covered", "positives / anchor",
+            "pair accuracy"]
+    rows = []
+    for name in ("semantic", "random"):
+        st = mine.get(name) or {}
+        kind = "random: " + str(st.get("kind", "")).replace("_", " ") if name == "random" else "semantic (mined)"
+        acc = _pct(st.get("pair_accuracy"))
+        if name == "random" and st.get("kind") == "same_image":
+            acc = "— (image with itself)"
+        rows.append([kind, f"{mine.get('encoder_run')} ({mine.get('layer')})", f"{mine.get('K')} of {mine.get('pool')}",
+                     bounds if name == "semantic" else DASH, str(st.get("pairs", DASH)),
+                     str(st.get("anchors_covered", DASH)), _fmt(st.get("mean_positives_per_anchor")), acc])
+    caption = (f"The mine stage: K training images encoded un-augmented by run {mine.get('encoder_run')}'s encoder, pairs "
+               f"with cosine similarity in {bounds} (SePP-ID §3.1, Algorithm 1), at most "
+               f"{mine.get('max_per_anchor') or 'any number of'} positives per anchor. The random set is the paper's "
+               "Table 9 control: as many pairs, not semantic.")
+    tables = [Table("SePP-ID: mined pairs", cols, rows, caption)]
+
+    dk = _delta_k(metrics)
+    cols = ["run", "pairs", "base run", f"kNN-{dk}", f"Δ kNN-{dk}", "linear", "Δ linear"]
+    rows = []
+    for m in metrics:
+        if m.pairs is None:
+            continue
+        base = base_run(metrics, m)
+        ours = (_num((m.evaluate.get("knn") or {}).get(dk)), _num((m.evaluate.get("linear") or {}).get("top1")))
+        ref = ((_num((base.evaluate.get("knn") or {}).get(dk)), _num((base.evaluate.get("linear") or {}).get("top1")))
+               if base else (None, None))
+        d = [DASH if o is None or r is None else f"{o - r:+.2f}" for o, r in zip(ours, ref)]
+        rows.append([m.run, m.pairs, base.run if base else f"{DASH} (no plain {m.method} run on {m.backbone})",
+                     _fmt(ours[0]), d[0], _fmt(ours[1]), d[1]])
+    tables.append(Table("SePP-ID: gain over the base run", cols, rows,
+                        "Each pair run against the plain run of the same method and backbone (top-1 %, test split)."))
+    return tables
 
 
 def _norm_dataset(name: str) -> str:
@@ -236,6 +335,7 @@ def select_references(refs: list[dict], methods: list[str], dataset: str) -> lis
 
 
 def reference_table(refs: list[dict], methods: list[str], dataset: str) -> Table:
+    """`methods` may include "seppid" (when pair runs exist): SePP-ID's own rows, labelled with their setting."""
     sel = select_references(refs, [m for m in methods if m != FLOOR_METHOD], dataset)
     cols = ["method", "variant", "dataset", "backbone", "epochs", "protocol", "top-1 (%)", "source", "note"]
     rows = []
@@ -307,6 +407,23 @@ def accuracy_figure(metrics: list[RunMetrics]) -> bytes | None:
     return _png(fig)
 
 
+def similarity_figure(mine: dict) -> bytes | None:
+    """Histogram of the mined pairs' cosine similarities (within [min_sim, max_sim])."""
+    hist = (mine.get("semantic") or {}).get("similarity_hist")
+    if not hist or not hist.get("counts"):
+        return None
+    edges, counts = hist["edges"], hist["counts"]
+    fig = Figure(figsize=(5.5, 3.4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges[:-1], edges[1:])], align="edge", edgecolor="white")
+    ax.set_xlabel("cosine similarity of the pair")
+    ax.set_ylabel("pairs")
+    acc = _pct((mine.get("semantic") or {}).get("pair_accuracy"))
+    ax.set_title(f"SePP-ID mined pairs: {sum(counts)} pairs, pair accuracy {acc}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
 # --- rendering -------------------------------------------------------------------------------------
 
 def _md_cell(s: str) -> str:
@@ -337,7 +454,8 @@ def table_html(t: Table) -> str:
     return "\n".join(out)
 
 
-FIGURE_TITLES = {"loss.png": "Training loss per epoch", "accuracy.png": "kNN and linear top-1 per run"}
+FIGURE_TITLES = {"loss.png": "Training loss per epoch", "accuracy.png": "kNN and linear top-1 per run",
+                 "similarity.png": "SePP-ID: cosine similarity of the mined pairs"}
 CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
        "th,td{border:1px solid #ccc;padding:3px 7px;text-align:left}th{background:#f2f2f2}"
        ".caption{color:#444;max-width:1000px}img{max-width:100%;border:1px solid #eee}")
@@ -363,13 +481,18 @@ def render(title: str, dataset: str, tables: list[Table], figures: dict[str, byt
 # --- entry points ----------------------------------------------------------------------------------
 
 def build_report(root: str | Path, runs: dict[str, dict], dataset: str, title: str,
-                 references: str | Path = REFERENCES) -> Report:
-    """Read every run's metrics under `root` and the reference YAML; return the report (nothing written)."""
-    metrics = load_runs(root, runs)
+                 references: str | Path = REFERENCES, pair_runs: dict[str, dict] | None = None) -> Report:
+    """Read every run's metrics under `root` and the reference YAML; return the report (nothing written).
+    With `pair_runs` (SePP-ID), the mine stage's metrics too."""
+    metrics = load_runs(root, runs, pair_runs)
+    mine = load_mine(root) if pair_runs else None
     refs = load_references(references)
-    tables = [comparison_table(metrics), reference_table(refs, [m.method for m in metrics], dataset)]
+    methods = [m.method for m in metrics] + ([SEPPID_METHOD] if pair_runs else [])
+    tables = [comparison_table(metrics, mine)] + (seppid_tables(metrics, mine) if mine else [])
+    tables.append(reference_table(refs, methods, dataset))
     figures = {}
-    for name, png in (("loss.png", loss_figure(metrics)), ("accuracy.png", accuracy_figure(metrics))):
+    for name, png in (("loss.png", loss_figure(metrics)), ("accuracy.png", accuracy_figure(metrics)),
+                      ("similarity.png", similarity_figure(mine) if mine else None)):
         if png is not None:
             figures[name] = png
     md, page = render(title, dataset, tables, figures)
@@ -390,6 +513,6 @@ def write_report(report: Report, root: str | Path) -> list[Path]:
 
 
 def build(root: str | Path, runs: dict[str, dict], dataset: str, title: str,
-          references: str | Path = REFERENCES) -> list[Path]:
+          references: str | Path = REFERENCES, pair_runs: dict[str, dict] | None = None) -> list[Path]:
     """Build and write the report; returns the written paths."""
-    return write_report(build_report(root, runs, dataset, title, references), root)
+    return write_report(build_report(root, runs, dataset, title, references, pair_runs), root)

@@ -22,10 +22,10 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.data.loader import ShardStream, make_loader
-from pipeline.data.shards import read_meta
+from pipeline.data.shards import read_meta, read_pair_meta
 from pipeline.methods import registry
 from pipeline.models.backbones import build_backbone
-from pipeline.params import ParamError, PipelineError, method_config
+from pipeline.params import ParamError, PipelineError, method_config, run_spec
 from pipeline.train import dist
 from pipeline.train.optim import build_optimizer, cosine_ramp, lr_at, peak_lr, set_lr, set_weight_decay
 from pipeline.utils import atomic_torch_save, atomic_write_json, atomic_write_text, pick_device
@@ -166,8 +166,14 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
     if meta is None:
         raise PipelineError(f"{shard_dir}: no shards (run the shard stage first: dvc repro shard)")
     trains = getattr(method, "TRAINS", True) and train_cfg["epochs"] > 0
-    summary = {"run": run, "method": p["runs"][run]["method"], "backbone": p["runs"][run]["backbone"],
+    spec = run_spec(p, run)
+    summary = {"run": run, "method": spec["method"], "backbone": spec["backbone"],
                "device": device.type, "world_size": world, "epochs": train_cfg["epochs"] if trains else 0}
+    pairs_dir = pairs_meta = None
+    if spec.get("pairs"):  # SePP-ID: the originals plus a pair set of the mine stage
+        pairs_dir = root / "data/pairs" / p["dataset"]["name"] / spec["pairs"]
+        pairs_meta = read_pair_meta(pairs_dir)
+        summary["pairs"] = spec["pairs"]
     if not trains:
         return _finish(method, backbone_cfg, image_size, paths, Progress(), summary, device, trained=False)
 
@@ -176,7 +182,7 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
     local_batch = train_cfg["batch_size"] // world
     stream = ShardStream(shard_dir, method.views(), p["dataset"]["mean"], p["dataset"]["std"], local_batch,
                          meta["counts"]["train"], train_cfg["batch_size"], p["seed"], rank, world,
-                         subset=train_cfg["train_subset"], shuffle_buffer=train_cfg["shuffle_buffer"])
+                         subset=train_cfg["train_subset"], shuffle_buffer=train_cfg["shuffle_buffer"], pairs_dir=pairs_dir)
     steps_per_epoch = stream.steps
     total_steps = steps_per_epoch * train_cfg["epochs"]
     warmup = int(round(train_cfg["warmup_epochs"] * steps_per_epoch))
@@ -199,8 +205,11 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     # the method's merged settings (its block + the run's overrides): a changed override must not resume
-    fp = fingerprint(summary["method"], method.cfg, {k: v for k, v in train_cfg.items() if k not in _RUNTIME_KEYS},
-                     backbone_cfg, p["augment"], p["dataset"], p["seed"], world)
+    fp_parts = [summary["method"], method.cfg, {k: v for k, v in train_cfg.items() if k not in _RUNTIME_KEYS},
+                backbone_cfg, p["augment"], p["dataset"], p["seed"], world]
+    if pairs_meta is not None:  # other pairs (mine params changed): other training data, no resume
+        fp_parts.append({"pairs": spec["pairs"], "digest": pairs_meta["digest"]})
+    fp = fingerprint(*fp_parts)
     progress = Progress()
     if paths.checkpoint.exists():
         ck = torch.load(paths.checkpoint, map_location=device, weights_only=False)
@@ -273,6 +282,8 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
     summary.update(steps=progress.step, wall_time_s=progress.elapsed_s, views_per_s=progress.views / max(progress.elapsed_s, 1e-9),
                    final_loss=progress.history[-1]["loss"] if progress.history else None,
                    steps_per_epoch=steps_per_epoch, batch_size=train_cfg["batch_size"], train_images=stream.n_samples)
+    if pairs_dir is not None:
+        summary["train_pairs"] = stream.n_pairs
     return _finish(method, backbone_cfg, image_size, paths, progress, summary, device, trained=True)
 
 

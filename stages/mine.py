@@ -1,0 +1,34 @@
+"""mine stage (SePP-ID semantic sampler): `python stages/mine.py` -> data/pairs/<dataset>/, reports/metrics/mine.json.
+
+Encodes K original training images with the encoder of run `mine.encoder_run`, mines the pairs whose cosine
+lies in [mine.min_sim, mine.max_sim], writes them (and the random control) as parquet and as pair shards.
+"""
+import sys
+from pathlib import Path
+
+from pipeline import params
+from pipeline.cli import main
+from pipeline.mining.sampler import mine
+from pipeline.utils import atomic_write_json
+
+
+def run(argv):
+    if argv:
+        raise params.ParamError("usage: python stages/mine.py  (settings under mine: in params.yaml)")
+    p = params.load()
+    metrics = mine(p)
+    atomic_write_json(metrics, Path("reports/metrics/mine.json"))
+    s = metrics["semantic"]
+    acc = "n/a" if s["pair_accuracy"] is None else f"{100 * s['pair_accuracy']:.1f}%"
+    print(f"mine: {s['pairs']} pairs over {s['anchors_covered']} of {metrics['K']} anchors "
+          f"({s['mean_positives_per_anchor']:.1f} positives per anchor), pair accuracy {acc}; "
+          f"{metrics['random']['pairs']} random pairs -> data/pairs/{metrics['dataset']}")
+    if s["warning"]:
+        print(f"warning: mine: {s['warning']}", file=sys.stderr, flush=True)
+    elif s["pairs"] == 0:
+        print(f"warning: mine: no pair in [{metrics['min_sim']}, {metrics['max_sim']}]: the pair runs train on the originals only",
+              file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main(run)
