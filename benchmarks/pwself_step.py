@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     dev = torch.device(a.device)
     p = P.load(a.params)
 
-    methods, steps = {}, {}
+    methods = {}
     for name, run in (("dino", a.dino_run), ("pwself", a.pwself_run)):
         torch.manual_seed(p["seed"])
         m, train_cfg, bb = build_method(p, run)

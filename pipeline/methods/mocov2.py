@@ -17,7 +17,6 @@ projections, Kbar, with the queue as negatives, averaged over the n patches (`pa
 """
 from __future__ import annotations
 
-import torch
 
 from pipeline.losses.contrastive import info_nce_queue
 from pipeline.methods.base import MomentumContrast, projector_params, temperature_param
