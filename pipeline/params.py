@@ -171,7 +171,8 @@ EVALUATE = Section({
     "linear_max_iter": Int(1), "semi_fractions": List(Float(0, 1, open_min=True)), "semi_seeds": List(Int(0), min_len=1),
     "semi_learner": Str(("label_spreading", "self_training")), "semi_unlabelled_max": Int(0), "train_subset": Int(0),
 })
-REPORT = Section({"title": Str()})
+# beside: {run: base run} puts a paper's method next to the method it builds on, with the difference
+REPORT = Section({"title": Str(), "beside": MapOf(Str(), allow_empty=True)}, optional=("beside",))
 
 RUN_SECTIONS = ("runs", "pair_runs")
 
@@ -204,6 +205,11 @@ def validate(raw: dict) -> dict:
         # one stage, one encoder, one metrics file per name: a name may not mean two runs
         if run in p["runs"]:
             raise ParamError(f"pair_runs.{run}: the name is already a run under runs (run names must be unique across runs and pair_runs)")
+    every_run = [*p["runs"], *p["pair_runs"]]
+    for run, base in p["report"].get("beside", {}).items():
+        for key, name in ((f"report.beside.{run}", run), (f"report.beside.{run}", base)):
+            if name not in every_run:
+                raise ParamError(f"{key}: {name!r} is not a run under runs or pair_runs (have: {', '.join(every_run)})")
     m = p["mine"]
     if m["encoder_run"] not in p["runs"]:
         # a pair run cannot mine: its own training would depend on the pairs it mines (a cycle)

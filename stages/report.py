@@ -12,7 +12,8 @@ from pipeline.report.build import build
 
 def run() -> None:
     p = params.load("params.yaml")
-    paths = build(".", p["runs"], p["dataset"]["name"], p["report"]["title"], pair_runs=p["pair_runs"])
+    paths = build(".", p["runs"], p["dataset"]["name"], p["report"]["title"], pair_runs=p["pair_runs"],
+                  beside=p["report"].get("beside"))
     print(f"report: {len(p['runs']) + len(p['pair_runs'])} runs -> {', '.join(str(x) for x in paths)}")
 
 

@@ -192,3 +192,29 @@ def test_select_references_filters_method_dataset_and_transfer():
     assert sel and all(r["method"] == "mocov2" and r["dataset"] == "cifar10" for r in sel)
     assert all("pretrain_dataset" not in r for r in sel)  # ImageNet-pretrained transfer rows are not comparable
     assert rb.select_references(refs, ["random"], "cifar10") == []
+
+
+def test_beside_places_a_method_after_its_base_with_differences(tmp_path):
+    # leoclr builds on mocov2: listed right after it, with its gains over it in every protocol
+    runs = {"leoclr": {"method": "leoclr", "backbone": "r18"}, **RUNS}
+    KNN["leoclr"] = (40.0, 41.5, 43.0)
+    try:
+        write_metrics(tmp_path, runs)
+        rep = rb.build_report(tmp_path, runs, "cifar10", "t", beside={"leoclr": "mocov2"})
+    finally:
+        del KNN["leoclr"]
+    ours = _md_rows(rep.markdown, "Our results")
+    assert [r[0] for r in ours[1:]] == ["simclr", "mocov2", "leoclr", "random-r18"]
+    side = _md_rows(rep.markdown, "Methods beside their base")
+    head, row = side[0], side[1]
+    assert row[:2] == ["leoclr", "mocov2"]
+    assert row[head.index("kNN-200")] == "43.00 (+2.50)"      # 43.0 - 40.5
+    assert row[head.index("linear")] == "48.00 (+2.50)"
+    assert row[head.index("semi 1% logreg")] == "30.00 (-2.00)"  # semi means 30 + i: leoclr i = 0, mocov2 i = 2
+    assert row[head.index("views/s vs base")] == f"{1000.0 / 1002.0:.2f}x"
+
+
+def test_beside_names_must_be_runs():
+    from tests.conftest import tiny_params
+    with pytest.raises(PipelineError, match=r"report\.beside\.leoclr: 'nope' is not a run"):
+        tiny_params(**{"report.beside": {"leoclr": "nope"}})

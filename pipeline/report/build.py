@@ -126,19 +126,42 @@ def load_run(root: str | Path, run: str, method: str, backbone: str, pairs: str 
     return RunMetrics(run, method, backbone, pre, ev, curve, pairs)
 
 
-def load_runs(root: str | Path, runs: dict[str, dict], pair_runs: dict[str, dict] | None = None) -> list[RunMetrics]:
-    """All runs in params order, each pair run right after its base run (same method and backbone; at the end
-    when there is none). `runs` / `pair_runs` are params.yaml's mappings (name -> {method, backbone[, pairs]})."""
+def load_runs(root: str | Path, runs: dict[str, dict], pair_runs: dict[str, dict] | None = None,
+              beside: dict[str, str] | None = None) -> list[RunMetrics]:
+    """All runs in params order, each run that is compared with a base run listed right after it (`beside`:
+    {run: base run}; a pair run's base defaults to the plain run of the same method and backbone).
+    `runs` / `pair_runs` are params.yaml's mappings (name -> {method, backbone[, pairs]})."""
     plain = [load_run(root, name, spec["method"], spec["backbone"]) for name, spec in runs.items()]
     paired = [load_run(root, name, spec["method"], spec["backbone"], spec["pairs"]) for name, spec in (pair_runs or {}).items()]
-    out, placed = [], set()
-    for m in plain:
+    every = plain + paired
+    bases = base_runs(every, beside or {})
+    out: list[RunMetrics] = []
+
+    def place(m: RunMetrics) -> None:
+        if m in out:
+            return
         out.append(m)
-        for q in paired:
-            if q.run not in placed and base_run([m], q) is m:
-                out.append(q)
-                placed.add(q.run)
-    return out + [q for q in paired if q.run not in placed]
+        for q in every:
+            if bases.get(q.run) is m:
+                place(q)
+
+    for m in every:
+        if bases.get(m.run) is None or bases[m.run] not in every:
+            place(m)
+    return out + [m for m in every if m not in out]
+
+
+def base_runs(metrics: list[RunMetrics], beside: dict[str, str]) -> dict[str, RunMetrics]:
+    """{run: the run it is compared with}: `beside` entries, and each pair run's plain run of the same method
+    and backbone (SePP-ID adds pairs to that run) unless `beside` names another."""
+    by_name = {m.run: m for m in metrics}
+    out = {run: by_name[base] for run, base in beside.items() if run in by_name and base in by_name}
+    for m in metrics:
+        if m.pairs is not None and m.run not in out:
+            b = base_run(metrics, m)
+            if b is not None:
+                out[m.run] = b
+    return out
 
 
 def base_run(metrics: list[RunMetrics], pair_run: RunMetrics) -> RunMetrics | None:
@@ -316,6 +339,37 @@ def seppid_tables(metrics: list[RunMetrics], mine: dict) -> list[Table]:
     return tables
 
 
+def beside_table(metrics: list[RunMetrics], bases: dict[str, RunMetrics]) -> Table | None:
+    """Each paper's method against the method it builds on (report.beside): the gains in every protocol and the
+    pretraining speed relative to the base."""
+    rows_of = [m for m in metrics if m.run in bases]
+    if not rows_of:
+        return None
+    ks = _k_sort(k for m in metrics for k in (m.evaluate.get("knn") or {}))
+    fracs = _k_sort(f for m in metrics for f in (m.evaluate.get("semi") or {}))
+
+    def scores(m: RunMetrics) -> list[float | None]:
+        ev = m.evaluate
+        out = [_num((ev.get("knn") or {}).get(k)) for k in ks] + [_num((ev.get("linear") or {}).get("top1"))]
+        return out + [_num((((ev.get("semi") or {}).get(f) or {}).get("logreg") or {}).get("mean")) for f in fracs]
+
+    cols = ["run", "base run"] + [f"kNN-{k}" for k in ks] + ["linear"] + [f"semi {_pct_label(f)} logreg" for f in fracs]
+    cols += ["views/s vs base"]
+    rows = []
+    for m in rows_of:
+        base = bases[m.run]
+        cells = []
+        for o, r in zip(scores(m), scores(base)):
+            cells.append(DASH if o is None else f"{o:.2f}" if r is None else f"{o:.2f} ({o - r:+.2f})")
+        speed, base_speed = _num(m.pretrain.get("views_per_s")), _num(base.pretrain.get("views_per_s"))
+        ratio = DASH if not speed or not base_speed else f"{speed / base_speed:.2f}x"
+        rows.append([m.run, base.run] + cells + [ratio])
+    return Table("Methods beside their base", cols, rows,
+                 "Each run against the run it builds on (report.beside; a SePP-ID pair run against its plain base run): "
+                 "top-1 % on the test split, in brackets the difference to the base run. views/s compares pretraining "
+                 "throughput measured in the same profile (runs that shared the machine with other work are slower).")
+
+
 def _norm_dataset(name: str) -> str:
     n = re.sub(r"[^a-z0-9]", "", str(name).lower())
     return {"imagenet1k": "imagenet", "in1k": "imagenet", "tinyimagenet200": "tinyimagenet"}.get(n, n)
@@ -481,14 +535,18 @@ def render(title: str, dataset: str, tables: list[Table], figures: dict[str, byt
 # --- entry points ----------------------------------------------------------------------------------
 
 def build_report(root: str | Path, runs: dict[str, dict], dataset: str, title: str,
-                 references: str | Path = REFERENCES, pair_runs: dict[str, dict] | None = None) -> Report:
+                 references: str | Path = REFERENCES, pair_runs: dict[str, dict] | None = None,
+                 beside: dict[str, str] | None = None) -> Report:
     """Read every run's metrics under `root` and the reference YAML; return the report (nothing written).
-    With `pair_runs` (SePP-ID), the mine stage's metrics too."""
-    metrics = load_runs(root, runs, pair_runs)
+    With `pair_runs` (SePP-ID), the mine stage's metrics too; `beside` ({run: base run}) adds the comparison
+    of each paper's method with its base."""
+    metrics = load_runs(root, runs, pair_runs, beside)
     mine = load_mine(root) if pair_runs else None
     refs = load_references(references)
     methods = [m.method for m in metrics] + ([SEPPID_METHOD] if pair_runs else [])
-    tables = [comparison_table(metrics, mine)] + (seppid_tables(metrics, mine) if mine else [])
+    tables = [comparison_table(metrics, mine)]
+    side = beside_table(metrics, base_runs(metrics, beside or {}))
+    tables += ([side] if side else []) + (seppid_tables(metrics, mine) if mine else [])
     tables.append(reference_table(refs, methods, dataset))
     figures = {}
     for name, png in (("loss.png", loss_figure(metrics)), ("accuracy.png", accuracy_figure(metrics)),
@@ -513,6 +571,7 @@ def write_report(report: Report, root: str | Path) -> list[Path]:
 
 
 def build(root: str | Path, runs: dict[str, dict], dataset: str, title: str,
-          references: str | Path = REFERENCES, pair_runs: dict[str, dict] | None = None) -> list[Path]:
+          references: str | Path = REFERENCES, pair_runs: dict[str, dict] | None = None,
+          beside: dict[str, str] | None = None) -> list[Path]:
     """Build and write the report; returns the written paths."""
-    return write_report(build_report(root, runs, dataset, title, references, pair_runs), root)
+    return write_report(build_report(root, runs, dataset, title, references, pair_runs, beside), root)
