@@ -50,7 +50,8 @@ def train_in(tree: Path, run: str, root: Path, steps: int) -> Path:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     subprocess.run([sys.executable, "-c", TRAIN, str(tree / "params.yaml"), run, str(root), str(steps)],
                    cwd=root, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return root / "data/checkpoints" / run / "last.pt"  # max_steps stops after a checkpoint
+    ck = root / "data/checkpoints" / run / "last.pt"  # max_steps stops after a checkpoint
+    return ck if ck.exists() else root / "data/models" / run / "encoder.pt"  # an untrained (random) run
 
 
 def main() -> int:
