@@ -453,6 +453,7 @@ def smoke_params(**over):
                           "train.checkpoint_every": 2, "train.epochs": 1,
                           "methods.gsssl": {"rank_k": 3, "groups": SMOKE_GROUPS, "proj_hidden": 32, "proj_dim": 32},
                           "methods.mocov2": {"queue_size": 32, "proj_hidden": 32, "proj_dim": 16},
+                          "report.beside": {},  # the runs below replace the profile's
                           "runs": {"gsssl": {"method": "gsssl", "backbone": "resnet18_w8"},
                                    "gsssl-simclr": {"method": "simclr", "backbone": "resnet18_w8",
                                                     "overrides": {"groups": SMOKE_GROUPS}},

@@ -58,6 +58,19 @@ def test_checkpoint_from_other_settings_is_not_resumed(tmp_path, shard_dir, caps
     assert "starting from scratch" in capsys.readouterr().out
 
 
+def test_changed_run_override_is_not_resumed(tmp_path, shard_dir, capsys):
+    # the run's overrides are part of the method's settings: a checkpoint trained with others must not resume
+    root = project(tmp_path, "r", shard_dir)
+    train(params(), "mocov2", root=root, max_steps=2)
+    capsys.readouterr()
+    train(params(), "mocov2", root=root, max_steps=3)
+    assert "resuming" in capsys.readouterr().out
+    p = params()
+    p["runs"]["mocov2"]["overrides"] = {"temperature": 0.5}
+    train(p, "mocov2", root=root, max_steps=3)
+    assert "starting from scratch" in capsys.readouterr().out
+
+
 SCRIPT = """
 import sys, torch
 sys.path.insert(0, {root!r})
