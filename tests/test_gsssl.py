@@ -453,12 +453,11 @@ def smoke_params(**over):
                           "train.checkpoint_every": 2, "train.epochs": 1,
                           "methods.gsssl": {"rank_k": 3, "groups": SMOKE_GROUPS, "proj_hidden": 32, "proj_dim": 32},
                           "methods.mocov2": {"queue_size": 32, "proj_hidden": 32, "proj_dim": 16},
-                          "report.beside": {},  # the runs below replace the profile's
-                          "runs": {"gsssl": {"method": "gsssl", "backbone": "resnet18_w8"},
-                                   "gsssl-simclr": {"method": "simclr", "backbone": "resnet18_w8",
-                                                    "overrides": {"groups": SMOKE_GROUPS}},
-                                   "gsssl-mocov2": {"method": "mocov2", "backbone": "resnet18_w8",
-                                                    "overrides": {"groups": SMOKE_GROUPS}}}, **over})
+                          "runs.gsssl": {"method": "gsssl", "backbone": "resnet18_w8"},
+                          "runs.gsssl-simclr": {"method": "simclr", "backbone": "resnet18_w8",
+                                                "overrides": {"groups": SMOKE_GROUPS}},
+                          "runs.gsssl-mocov2": {"method": "mocov2", "backbone": "resnet18_w8",
+                                                "overrides": {"groups": SMOKE_GROUPS}}, **over})
 
 
 @pytest.mark.parametrize("run", ["gsssl", "gsssl-simclr", "gsssl-mocov2"])
