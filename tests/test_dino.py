@@ -231,3 +231,21 @@ def test_center_all_reduced_identical_on_ranks_and_equal_to_single_process(tmp_p
     for n, p in single.named_parameters():
         if p.grad is not None:
             assert torch.allclose(r0["grads"][n], p.grad, atol=1e-5), n
+
+
+def test_head_batchnorm_standardises_nearly_parallel_features():
+    # head_bn (the paper code's use_bn_in_head): each hidden layer is batch-standardised before GELU, so
+    # images whose backbone features are nearly parallel still spread apart in the bottleneck
+    from pipeline.methods.dino import DINOHead
+
+    torch.manual_seed(0)
+    base = torch.randn(1, 16)
+    x = base + 1e-3 * torch.randn(64, 16)  # almost identical features
+    heads = {bn: DINOHead(16, 32, hidden=24, bottleneck=8, layers=3, bn=bn) for bn in (False, True)}
+    kinds = [type(m) for m in heads[True].mlp]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.GELU, nn.Linear, nn.BatchNorm1d, nn.GELU, nn.Linear]
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in heads[False].mlp)
+    hidden = heads[True].mlp[:2](x)
+    assert torch.allclose(hidden.mean(0), torch.zeros(24), atol=1e-4)
+    spread = {bn: nn.functional.normalize(h.mlp(x), dim=-1).std(0).mean().item() for bn, h in heads.items()}
+    assert spread[True] > 10 * spread[False]
