@@ -443,11 +443,17 @@ def test_leoclr_smoke_through_trainer(tmp_path, shard_dir, variant):
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def test_cpu_profile_has_the_runs():
-    from pipeline.params import load
+def test_profiles_have_the_runs():
+    # LeOCLR runs in the CPU comparison; pNNCLR has its CPU block (Table 5's alpha / beta) and runs in the
+    # GPU preset and the tiny end-to-end profile
+    from pipeline.params import load, validate
+    from pipeline.profile import resolve
     from tests.conftest import ROOT
 
     p = load(ROOT / "params.yaml")
-    for name in ("leoclr", "pnnclr"):
-        assert p["runs"][name] == {"method": name, "backbone": "resnet18_w16"}
+    assert p["runs"]["leoclr"] == {"method": "leoclr", "backbone": "resnet18_w16"}
     assert (p["methods"]["pnnclr"]["alpha"], p["methods"]["pnnclr"]["beta"]) == (0.25, 0.10)
+    for profile, backbone in (("gpu-resnet18", "resnet18"), ("tiny", "resnet18_w8")):
+        runs = validate(resolve(profile))["runs"]
+        for name in ("leoclr", "pnnclr"):
+            assert runs[name] == {"method": name, "backbone": backbone}
