@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from pipeline.losses.redundancy import barlow_twins_loss, barlow_twins_terms, vicreg_loss, vicreg_terms
@@ -16,7 +15,7 @@ from pipeline.methods import registry
 from pipeline.methods.barlow_twins import BarlowTwins
 from pipeline.methods.vicreg import VICReg
 from pipeline.params import Section
-from tests.test_ddp import AUG, WORLD, TinyNet, _init, free_port
+from tests.test_ddp import AUG, WORLD, TinyNet, _init, spawn_and_load
 
 SCALES = torch.tensor([0.3, 2.0, 0.6, 1.5])  # some dims below, some above VICReg's std target 1
 
@@ -225,9 +224,7 @@ def _ddp_worker(rank, port, out):
 
 @pytest.fixture(scope="module")
 def ddp_grads(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_ddp_worker, args=(free_port(), str(out)), nprocs=WORLD)
-    return [torch.load(out / f"grads{r}.pt") for r in range(WORLD)]
+    return spawn_and_load(_ddp_worker, tmp_path_factory.mktemp("ddp"))
 
 
 def single_process_grads(name):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -36,6 +37,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_and_load(worker, out) -> list:
+    """Run `worker(rank, port, out)` on WORLD gloo processes; each saves `out/grads<rank>.pt`; load them."""
+    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD)
+    return [torch.load(Path(out) / f"grads{r}.pt") for r in range(WORLD)]
 
 
 def _init(rank, port):

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -23,7 +22,7 @@ from pipeline.methods.patch_groups import PatchGroups, encode_patches
 from pipeline.methods.simclr import SimCLR, nt_xent_global, nt_xent_grouped
 from pipeline.params import ParamError, Section
 from tests.test_barlow_vicreg import hand_barlow_terms
-from tests.test_ddp import AUG, WORLD, TinyNet, _init, free_port
+from tests.test_ddp import AUG, WORLD, TinyNet, _init, spawn_and_load
 
 NO_AUG = {"jitter_p": 0.0, "grayscale_p": 0.0, "hflip_p": 0.0, "blur_p": [0.0, 0.0], "solarize_p": [0.0, 0.0]}
 
@@ -407,9 +406,7 @@ def _ddp_worker(rank, port, out):
 
 @pytest.fixture(scope="module")
 def ddp_grads(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_ddp_worker, args=(free_port(), str(out)), nprocs=WORLD)
-    return [torch.load(out / f"grads{r}.pt") for r in range(WORLD)]
+    return spawn_and_load(_ddp_worker, tmp_path_factory.mktemp("ddp"))
 
 
 def single(name):
