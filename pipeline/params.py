@@ -151,9 +151,9 @@ TRAIN_KEYS: dict[str, Validator] = {
     "weight_decay": Float(0), "warmup_epochs": Float(0), "min_lr_ratio": Float(0, 1),
     "checkpoint_every": Int(1), "amp": Str(("bf16", "fp16", "off")), "channels_last": Bool(),
     "sync_bn": Bool(), "grad_clip": Float(0), "shuffle_buffer": Int(1), "lr_scaling": Str(("linear", "none")),
-    "weight_decay_end": Float(0),
+    "weight_decay_end": Float(0), "knn_monitor": List(Int(0), 2),
 }
-TRAIN = Section(TRAIN_KEYS, optional=("lr_scaling", "weight_decay_end"))
+TRAIN = Section(TRAIN_KEYS, optional=("lr_scaling", "weight_decay_end", "knn_monitor"))
 RUN = Section({"method": Str(), "backbone": Str(), "overrides": lambda v, k: v}, optional=("overrides",))
 PAIR_KINDS = ("semantic", "random")
 # a run trained on the original images plus a pair set of the mine stage (SePP-ID §3.2)

@@ -43,7 +43,7 @@ FLOOR_METHOD = "random"
 SEPPID_METHOD = "seppid"  # the name of SePP-ID's rows in references.yaml
 MINE_METRICS = "reports/metrics/mine.json"
 # per-epoch CSV columns that are bookkeeping, not loss terms
-CURVE_META = ("epoch", "step", "loss", "lr", "views_per_s", "epoch_time_s")
+CURVE_META = ("epoch", "step", "loss", "lr", "views_per_s", "epoch_time_s", "knn_top1")
 DASH = "—"
 
 
@@ -414,6 +414,47 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def _monitored(metrics: list[RunMetrics]) -> list[RunMetrics]:
+    return [m for m in metrics if m.pretrain.get("knn_monitor")]
+
+
+def convergence_table(metrics: list[RunMetrics]) -> Table | None:
+    """The per-epoch kNN monitor (train.knn_monitor) of the runs that had it on: accuracy against epochs."""
+    runs = _monitored(metrics)
+    if not runs:
+        return None
+    epochs = max(len(m.pretrain["knn_monitor"]) for m in runs)
+    cols = ["run", "method", "monitor images (bank / test)"] + [f"epoch {e}" for e in range(epochs)]
+    rows = []
+    for m in runs:
+        vals = list(m.pretrain["knn_monitor"]) + [None] * (epochs - len(m.pretrain["knn_monitor"]))
+        bank, test = m.pretrain.get("knn_monitor_images") or (None, None)
+        rows.append([m.run, m.method, f"{bank} / {test}"] + [_fmt(v) for v in vals])
+    return Table("Convergence: kNN-200 per epoch", cols, rows,
+                 "Runs with the per-epoch kNN monitor on (train.knn_monitor): kNN-200 top-1 (%) of the encoder the run "
+                 "would export, before training (epoch 0) and after each epoch, with a bank of the first training images "
+                 "and the first test images in shard order. Comparable between runs with the same monitor images, not "
+                 "with the full-split numbers above.")
+
+
+def convergence_figure(metrics: list[RunMetrics]) -> bytes | None:
+    runs = _monitored(metrics)
+    if not runs:
+        return None
+    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    for m in runs:
+        vals = m.pretrain["knn_monitor"]
+        ax.plot(range(len(vals)), [float("nan") if v is None else v for v in vals], marker="o", label=m.run)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("kNN-200 top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Per-epoch kNN monitor", fontsize=10)
+    return _png(fig)
+
+
 def loss_figure(metrics: list[RunMetrics]) -> bytes | None:
     """Training loss per epoch, one panel per trained run (loss scales differ between methods)."""
     runs = [m for m in metrics if m.curve is not None and len(m.curve)]
@@ -509,6 +550,7 @@ def table_html(t: Table) -> str:
 
 
 FIGURE_TITLES = {"loss.png": "Training loss per epoch", "accuracy.png": "kNN and linear top-1 per run",
+                 "convergence.png": "Per-epoch kNN-200 top-1 (train.knn_monitor)",
                  "similarity.png": "SePP-ID: cosine similarity of the mined pairs"}
 CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
        "th,td{border:1px solid #ccc;padding:3px 7px;text-align:left}th{background:#f2f2f2}"
@@ -546,10 +588,12 @@ def build_report(root: str | Path, runs: dict[str, dict], dataset: str, title: s
     methods = [m.method for m in metrics] + ([SEPPID_METHOD] if pair_runs else [])
     tables = [comparison_table(metrics, mine)]
     side = beside_table(metrics, base_runs(metrics, beside or {}))
-    tables += ([side] if side else []) + (seppid_tables(metrics, mine) if mine else [])
+    conv = convergence_table(metrics)
+    tables += ([side] if side else []) + ([conv] if conv else []) + (seppid_tables(metrics, mine) if mine else [])
     tables.append(reference_table(refs, methods, dataset))
     figures = {}
     for name, png in (("loss.png", loss_figure(metrics)), ("accuracy.png", accuracy_figure(metrics)),
+                      ("convergence.png", convergence_figure(metrics)),
                       ("similarity.png", similarity_figure(mine) if mine else None)):
         if png is not None:
             figures[name] = png

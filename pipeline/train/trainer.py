@@ -3,7 +3,7 @@
 Owns: device choice, DDP (torchrun), AMP and channels_last on CUDA, the optimizer and its schedule,
 checkpoints with the full state (method incl. momentum encoders and queues, optimizer, scaler, RNG,
 position in the epoch, metric history) every N steps, automatic resume, the NaN/Inf guard, per-epoch
-metrics for `dvc plots`, and tqdm progress. Methods only say what their loss is.
+metrics for `dvc plots` (with an optional kNN monitor), and tqdm progress. Methods only say what their loss is.
 """
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ from pipeline.methods import registry
 from pipeline.models.backbones import build_backbone
 from pipeline.params import ParamError, PipelineError, method_config, run_spec
 from pipeline.train import dist
+from pipeline.train.monitor import monitor_from_config
 from pipeline.train.optim import build_optimizer, cosine_ramp, lr_at, peak_lr, set_lr, set_weight_decay
 from pipeline.utils import atomic_torch_save, atomic_write_json, atomic_write_text, pick_device
 
 # train keys that change how fast a run goes, not what it computes: they may differ on resume
-_RUNTIME_KEYS = ("num_workers", "checkpoint_every")
+_RUNTIME_KEYS = ("num_workers", "checkpoint_every", "knn_monitor")
 
 
 class TrainingError(PipelineError):
@@ -62,6 +63,7 @@ class Progress:
     sums: dict = field(default_factory=dict)          # running sums of loss terms in this epoch
     epoch_views: int = 0
     epoch_time_s: float = 0.0
+    knn_init: float | None = None                     # the kNN monitor before the first step
 
 
 def fingerprint(*parts) -> str:
@@ -234,6 +236,15 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
             atomic_torch_save({"fingerprint": fp, "method": method.state_dict(), "optimizer": opt.state_dict(),
                                "scaler": scaler.state_dict(), "progress": progress.__dict__, "rng": rng}, paths.checkpoint)
 
+    monitor = monitor_from_config(train_cfg, shard_dir, image_size, p["dataset"]["mean"], p["dataset"]["std"], device)
+
+    def monitor_knn() -> float | None:
+        top1 = monitor(method.encoder_to_export()) if monitor is not None and dist.is_main() else None
+        dist.barrier()
+        return top1
+
+    if monitor is not None and progress.step == 0 and progress.knn_init is None:
+        progress.knn_init = monitor_knn()
     method.train()
     while progress.epoch < train_cfg["epochs"]:
         stream.set_epoch(progress.epoch, skip_batches=progress.step_in_epoch)
@@ -272,6 +283,8 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
         row = {"epoch": progress.epoch + 1, "step": progress.step, **{k: v / n for k, v in progress.sums.items()},
                "lr": opt.param_groups[0]["lr"], "views_per_s": progress.epoch_views / max(progress.epoch_time_s, 1e-9),
                "epoch_time_s": progress.epoch_time_s}
+        if monitor is not None:
+            row["knn_top1"] = monitor_knn()
         progress.history.append(row)
         progress.elapsed_s += progress.epoch_time_s
         progress.views += progress.epoch_views
@@ -284,6 +297,9 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
                    steps_per_epoch=steps_per_epoch, batch_size=train_cfg["batch_size"], train_images=stream.n_samples)
     if pairs_dir is not None:
         summary["train_pairs"] = stream.n_pairs
+    if monitor is not None:  # kNN-200 top-1 before training and after each epoch (None where not monitored)
+        summary["knn_monitor"] = [progress.knn_init] + [row.get("knn_top1") for row in progress.history]
+        summary["knn_monitor_images"] = [monitor.train_images, monitor.test_images]
     return _finish(method, backbone_cfg, image_size, paths, progress, summary, device, trained=True)
 
 
