@@ -238,13 +238,16 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
 
     monitor = monitor_from_config(train_cfg, shard_dir, image_size, p["dataset"]["mean"], p["dataset"]["std"], device)
 
-    def monitor_knn() -> float | None:
-        top1 = monitor(method.encoder_to_export()) if monitor is not None and dist.is_main() else None
+    def monitor_knn(epochs_done: int) -> float | None:
+        top1 = None
+        if dist.is_main():
+            top1 = monitor(method.encoder_to_export())
+            print(f"{run}: kNN-200 monitor after epoch {epochs_done}: {top1:.2f}", flush=True)
         dist.barrier()
         return top1
 
     if monitor is not None and progress.step == 0 and progress.knn_init is None:
-        progress.knn_init = monitor_knn()
+        progress.knn_init = monitor_knn(0)
     method.train()
     while progress.epoch < train_cfg["epochs"]:
         stream.set_epoch(progress.epoch, skip_batches=progress.step_in_epoch)
@@ -284,7 +287,7 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
                "lr": opt.param_groups[0]["lr"], "views_per_s": progress.epoch_views / max(progress.epoch_time_s, 1e-9),
                "epoch_time_s": progress.epoch_time_s}
         if monitor is not None:
-            row["knn_top1"] = monitor_knn()
+            row["knn_top1"] = monitor_knn(progress.epoch + 1)
         progress.history.append(row)
         progress.elapsed_s += progress.epoch_time_s
         progress.views += progress.epoch_views
