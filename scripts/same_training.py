@@ -46,7 +46,9 @@ def tensors(path: Path) -> dict:
 
 def train_in(tree: Path, run: str, root: Path, steps: int) -> Path:
     (root / "data").mkdir(parents=True, exist_ok=True)
-    os.symlink(REPO / "data/shards", root / "data/shards")
+    for d in ("shards", "pairs"):  # pairs: SePP-ID pair runs read the mine stage's output
+        if (REPO / "data" / d).exists():
+            os.symlink(REPO / "data" / d, root / "data" / d)
     env = {**os.environ, "PYTHONPATH": str(tree)}
     subprocess.run([sys.executable, "-c", TRAIN, str(tree / "params.yaml"), run, str(root), str(steps)],
                    cwd=root, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -61,7 +63,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4)
     a = ap.parse_args()
     import yaml
-    runs = a.runs or list(yaml.safe_load(open(REPO / "params.yaml"))["runs"])
+    p = yaml.safe_load(open(REPO / "params.yaml"))
+    runs = a.runs or list(p["runs"]) + list(p.get("pair_runs") or {})
     differ = []
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "old"
