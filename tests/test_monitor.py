@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.data.shards import iter_split
+from pipeline.data.shards import iter_split, read_manifest
 from pipeline.data.views import eval_transform
 from pipeline.models.encoder_io import load_encoder
 from pipeline.params import ParamError
 from pipeline.report import build as rb
-from pipeline.train.monitor import KnnMonitor
+from pipeline.train.monitor import KnnMonitor, spread
 from pipeline.train.trainer import train
 from tests.conftest import tiny_params
 from tests.test_report import RUNS, write_metrics
@@ -33,7 +33,9 @@ def hand_knn200(encoder: nn.Module, shard_dir, n_bank: int, n_test: int, mean=ME
     tf = eval_transform(32, mean, std)
 
     def encode(split, n):
-        rows = list(iter_split(shard_dir, split, limit=n))
+        total = len(read_manifest(shard_dir, split))
+        keep = [round(i * (total - 1) / (n - 1)) for i in range(n)]  # evenly spaced, ends included
+        rows = [r for i, r in enumerate(iter_split(shard_dir, split)) if i in keep]
         with torch.no_grad():
             f = encoder(torch.stack([tf(img) for _, _, img in rows])).double()
         return nn.functional.normalize(f, dim=1).numpy(), np.array([label for _, label, _ in rows])
@@ -62,6 +64,15 @@ def test_monitor_matches_a_hand_computed_knn_and_restores_modes(shard_dir):
     assert [m.training for m in encoder.modules()] == before
     encoder.eval()
     assert top1 == pytest.approx(hand_knn200(encoder, shard_dir, 15, 7))
+
+
+def test_monitor_spreads_its_images_over_a_class_sorted_split(shard_dir):
+    labels = [label for _, label, _ in iter_split(shard_dir, "test")]
+    assert labels == sorted(labels)  # the test split keeps the source's class order: a prefix is one class
+    assert spread(24, 6).tolist() == [0, 5, 9, 14, 18, 23] and spread(5, 9).tolist() == [0, 1, 2, 3, 4]
+    monitor = KnnMonitor(shard_dir, 9, 6, 32, MEAN, STD, "cpu")
+    _, test_labels = monitor._features(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), "test", 6)
+    assert np.bincount(test_labels).tolist() == [2, 2, 2]
 
 
 def test_monitor_leaves_training_bit_identical_and_records_every_epoch(tmp_path, shard_dir):

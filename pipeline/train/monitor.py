@@ -3,8 +3,10 @@
 Convergence claims (GSSSL: "fast convergence") need accuracy per epoch, not only at the end. After each
 epoch (and once before training) the exported encoder is frozen, `train_images` un-augmented training
 images form the kNN bank and `test_images` test images are classified by weighted kNN (k = 200,
-τ = 0.1: the evaluate stage's defaults). It reads images in shard order and draws no random numbers, so
-a run trains bit-identically with the monitor on or off; the main rank computes it while the others wait.
+τ = 0.1: the evaluate stage's defaults). Both are evenly spaced over their split in shard order: the test
+split keeps the source's order, often sorted by class, where a prefix would hold only the first classes.
+No random numbers are drawn, so a run trains bit-identically with the monitor on or off; the main rank
+computes it while the others wait.
 """
 from __future__ import annotations
 
@@ -13,11 +15,17 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from pipeline.data.shards import read_manifest
 from pipeline.eval.features import extract_features
 from pipeline.eval.knn import knn_accuracy
 
 K = 200
 TEMPERATURE = 0.1
+
+
+def spread(total: int, n: int) -> np.ndarray:
+    """`n` positions evenly spaced over `total` (all of them when n >= total)."""
+    return np.unique(np.linspace(0, total - 1, min(n, total)).round().astype(np.int64))
 
 
 class KnnMonitor:
@@ -30,9 +38,9 @@ class KnnMonitor:
     def enabled(self) -> bool:
         return self.train_images > 0 and self.test_images > 0
 
-    def _features(self, encoder: nn.Module, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    def _features(self, encoder: nn.Module, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
         feats, labels, _ = extract_features(encoder, self.shard_dir, split, self.image_size, self.mean, self.std,
-                                            self.batch_size, self.device, limit=limit)
+                                            self.batch_size, self.device, positions=spread(len(read_manifest(self.shard_dir, split)), n))
         return feats, labels
 
     def __call__(self, encoder: nn.Module) -> float:
