@@ -432,9 +432,9 @@ def convergence_table(metrics: list[RunMetrics]) -> Table | None:
         rows.append([m.run, m.method, f"{bank} / {test}"] + [_fmt(v) for v in vals])
     return Table("Convergence: kNN-200 per epoch", cols, rows,
                  "Runs with the per-epoch kNN monitor on (train.knn_monitor): kNN-200 top-1 (%) of the encoder the run "
-                 "would export, before training (epoch 0) and after each epoch, with a bank of the first training images "
-                 "and the first test images in shard order. Comparable between runs with the same monitor images, not "
-                 "with the full-split numbers above.")
+                 "would export, before training (epoch 0) and after each epoch; bank and test images evenly spaced over "
+                 "their splits. Comparable between runs with the same monitor images, not with the full-split numbers "
+                 "above (2000 test images: about ±1 point of sampling noise).")
 
 
 def convergence_figure(metrics: list[RunMetrics]) -> bytes | None:

@@ -39,8 +39,9 @@ class KnnMonitor:
         return self.train_images > 0 and self.test_images > 0
 
     def _features(self, encoder: nn.Module, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        positions = spread(len(read_manifest(self.shard_dir, split)), n)
         feats, labels, _ = extract_features(encoder, self.shard_dir, split, self.image_size, self.mean, self.std,
-                                            self.batch_size, self.device, positions=spread(len(read_manifest(self.shard_dir, split)), n))
+                                            self.batch_size, self.device, positions=positions)
         return feats, labels
 
     def __call__(self, encoder: nn.Module) -> float:
