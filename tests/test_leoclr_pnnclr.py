@@ -444,16 +444,15 @@ def test_leoclr_smoke_through_trainer(tmp_path, shard_dir, variant):
 
 
 def test_profiles_have_the_runs():
-    # LeOCLR runs in the CPU comparison; pNNCLR has its CPU block (Table 5's alpha / beta) and runs in the
-    # GPU preset and the tiny end-to-end profile
+    # LeOCLR and pNNCLR run in the CPU comparison (pNNCLR with Table 5's alpha / beta), the GPU preset and the
+    # tiny end-to-end profile
     from pipeline.params import load, validate
     from pipeline.profile import resolve
     from tests.conftest import ROOT
 
     p = load(ROOT / "params.yaml")
-    assert p["runs"]["leoclr"] == {"method": "leoclr", "backbone": "resnet18_w16"}
     assert (p["methods"]["pnnclr"]["alpha"], p["methods"]["pnnclr"]["beta"]) == (0.25, 0.10)
-    for profile, backbone in (("gpu-resnet18", "resnet18"), ("tiny", "resnet18_w8")):
-        runs = validate(resolve(profile))["runs"]
+    for runs, backbone in ((p["runs"], "resnet18_w16"), (validate(resolve("gpu-resnet18"))["runs"], "resnet18"),
+                           (validate(resolve("tiny"))["runs"], "resnet18_w8")):
         for name in ("leoclr", "pnnclr"):
             assert runs[name] == {"method": name, "backbone": backbone}
