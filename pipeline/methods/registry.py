@@ -1,12 +1,21 @@
-"""Method registry: names in params.yaml -> method classes. Methods register themselves on import."""
+"""Method registry: names in params.yaml -> method classes.
+
+A method file registers its class with `@register("<name>")`. The registry finds which file declares a
+name by reading the files' syntax trees (no import), then imports that one file only: a pretrain stage
+loads its own method and what it imports, nothing else, which is also exactly what the DAG generator
+(`pipeline.dag`) lists as the stage's code dependencies.
+"""
 from __future__ import annotations
 
+import ast
 import importlib
-import pkgutil
+from functools import lru_cache
 from pathlib import Path
 
+from pipeline.errors import ParamError
+
 _METHODS: dict[str, type] = {}
-_NOT_METHODS = {"base", "registry", "memory", "patch_groups"}
+HERE = Path(__file__).resolve().parent
 
 
 def register(name: str):
@@ -17,22 +26,42 @@ def register(name: str):
     return deco
 
 
-def _load_all() -> None:
-    """Import every module of this package: each method file registers itself, nothing to list here."""
-    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if mod.name not in _NOT_METHODS and not mod.name.startswith("_"):
-            importlib.import_module(f"pipeline.methods.{mod.name}")
+def _registered_names(path: Path) -> list[str]:
+    """The names a file registers: the string argument of every `@register("...")` decorator in it."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ClassDef):
+            for dec in node.decorator_list:
+                if (isinstance(dec, ast.Call) and getattr(dec.func, "id", getattr(dec.func, "attr", None)) == "register"
+                        and dec.args and isinstance(dec.args[0], ast.Constant)):
+                    names.append(dec.args[0].value)
+    return names
+
+
+@lru_cache(maxsize=1)
+def modules() -> dict[str, str]:
+    """{method name: module name} of every method file in this package."""
+    found: dict[str, str] = {}
+    for path in sorted(HERE.glob("*.py")):
+        for name in _registered_names(path):
+            if name in found:
+                raise ParamError(f"method {name!r} is registered twice: pipeline/methods/{found[name]}.py and {path.name}")
+            found[name] = path.stem
+    return found
+
+
+def module_of(name: str, key: str = "method") -> str:
+    """The dotted module that defines method `name`."""
+    if name not in modules():
+        raise ParamError(f"{key}: unknown method {name!r} (known: {', '.join(names())})")
+    return f"pipeline.methods.{modules()[name]}"
 
 
 def get(name: str, key: str = "method"):
-    _load_all()
     if name not in _METHODS:
-        from pipeline.params import ParamError
-
-        raise ParamError(f"{key}: unknown method {name!r} (known: {', '.join(sorted(_METHODS))})")
+        importlib.import_module(module_of(name, key))
     return _METHODS[name]
 
 
 def names() -> list[str]:
-    _load_all()
-    return sorted(_METHODS)
+    return sorted(modules())

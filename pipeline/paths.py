@@ -1,0 +1,82 @@
+"""Every artifact path of the pipeline, in one place.
+
+Stage scripts build paths here and pass them down; library code never spells `data/models`. The DAG
+generator (`pipeline.dag`) writes `dvc.yaml`'s outputs from the same functions, so a stage writes
+exactly what the DAG declares. All paths are relative to the project root (DVC runs every stage there).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DATA = Path("data")
+REPORTS = Path("reports")
+
+
+def shards(dataset: str) -> Path:
+    return DATA / "shards" / dataset
+
+
+def pairs(dataset: str) -> Path:
+    return DATA / "pairs" / dataset
+
+
+def encoder(run: str) -> Path:
+    return DATA / "models" / run / "encoder.pt"
+
+
+def checkpoints(run: str) -> Path:
+    """Resume state: deliberately no DVC output, so a finished stage's outputs (and DVC's run-cache) hold none."""
+    return DATA / "checkpoints" / run
+
+
+def features(run: str) -> Path:
+    return DATA / "features" / run
+
+
+def shard_metrics() -> Path:
+    return REPORTS / "metrics" / "shard.json"
+
+
+def mine_metrics() -> Path:
+    return REPORTS / "metrics" / "mine.json"
+
+
+def pretrain_metrics(run: str) -> Path:
+    return REPORTS / "metrics" / "pretrain" / f"{run}.json"
+
+
+def evaluate_metrics(run: str) -> Path:
+    return REPORTS / "metrics" / "evaluate" / f"{run}.json"
+
+
+def predictions(run: str) -> Path:
+    return REPORTS / "predictions" / f"{run}.parquet"
+
+
+def curve(run: str) -> Path:
+    return REPORTS / "plots" / "pretrain" / f"{run}.csv"
+
+
+def report_outputs() -> list[Path]:
+    return [REPORTS / "report.md", REPORTS / "report.html", REPORTS / "figures"]
+
+
+def origin_root(cwd: Path | None = None) -> Path:
+    """The project checkout the user works in, also when DVC runs a stage in a temporary copy.
+
+    `dvc exp run --temp` and `dvc queue start` run stages in `<project>/.dvc/tmp/exps/.../<copy>`; a
+    machine-local relative path (`dataset.root: ../shared/...`) means the user's checkout, not the copy.
+    """
+    cwd = (cwd or Path.cwd()).resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
+
+
+def local_path(path: str | os.PathLike) -> Path:
+    """A machine-local input path from params (e.g. `dataset.root`): relative ones resolve from `origin_root()`."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else origin_root() / path
