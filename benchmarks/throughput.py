@@ -1,21 +1,23 @@
 """Training throughput vs the bare backbone, and the shard loader's own rate, measured in one run.
 
     python benchmarks/throughput.py [--runs simclr mocov2] [--steps 15] [--out benchmarks/results/throughput-cpu.json]
+    python benchmarks/throughput.py --quick     # does it run? (synthetic shards, 2 steps, batch 32; no output file)
 
 For each run of params.yaml (shards must exist: `dvc repro shard`):
-  ours    views/s of the trainer's real step (`train_step`: method forward with heads and loss, backward,
-          optimizer, EMA/queue updates) fed by the real DataLoader over the shards, workers included;
+  ours    views/s of the trainer's real step (`Batch.to`: the batched photometric augmentation on the
+          training device; `train_step`: method forward with heads and loss, backward, optimizer, EMA/queue
+          updates) fed by the real DataLoader over the shards, workers included;
   bare    views/s of the bare backbone doing the same passes on the same views and batch: forward +
           backward for views the method trains through, forward only for momentum-encoder views;
-  loader  views/s of the DataLoader alone (decode + augmentation), i.e. what training could consume.
+  loader  views/s of the DataLoader alone (decode + crop + flip in the workers), i.e. what training could consume.
 Reported: ours / bare (target >= 0.90 on CPU) and loader / ours (target >= 3).
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from pipeline.data.loader import ShardStream, make_loader  # noqa: E402
 from pipeline.data.shards import read_meta  # noqa: E402
 from pipeline.train.optim import build_optimizer  # noqa: E402
 from pipeline.train.trainer import build_method, train_step  # noqa: E402
-from pipeline.utils import atomic_write_json  # noqa: E402
+from pipeline.utils import atomic_write_json, pick_device  # noqa: E402
 
 # which views a method's backbone trains through (fwd+bwd) and which only a momentum encoder sees (fwd)
 PASSES = {"simclr": lambda c: (2, 0), "mocov2": lambda c: (2 if c["symmetric"] else 1, 2 if c["symmetric"] else 1)}
@@ -43,21 +45,21 @@ def timed(fn, steps: int, warmup: int = 2) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def bench_run(p: dict, run: str, steps: int) -> dict:
+def bench_run(p: dict, run: str, steps: int, shard_dir: Path) -> dict:
     torch.manual_seed(0)
     method, train_cfg, _ = build_method(p, run)
     name = p["runs"][run]["method"]
-    meta = read_meta(Path("data/shards") / p["dataset"]["name"])
+    meta = read_meta(shard_dir)
     bs = train_cfg["batch_size"]
-    stream = ShardStream(Path("data/shards") / p["dataset"]["name"], method.views(), p["dataset"]["mean"], p["dataset"]["std"],
-                         bs, meta["counts"]["train"], bs, p["seed"], subset=train_cfg["train_subset"],
-                         shuffle_buffer=train_cfg["shuffle_buffer"])
+    device = pick_device()
+    method.to(device)
     n_views = len(method.views())
 
     def batches():
-        for epoch in itertools.count():
-            stream.set_epoch(epoch)
-            yield from make_loader(stream, train_cfg["num_workers"], pin_memory=False)
+        stream = ShardStream(shard_dir, method.views(), p["dataset"]["mean"], p["dataset"]["std"], bs,
+                             meta["counts"]["train"], bs, p["seed"], subset=train_cfg["train_subset"])
+        stream.start_at(0, 0, 10**6)        # one loader for the whole benchmark, as the trainer does
+        return iter(make_loader(stream, train_cfg["num_workers"], pin_memory=device.type == "cuda"))
 
     # loader alone
     loading = batches()
@@ -68,8 +70,8 @@ def bench_run(p: dict, run: str, steps: int) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     method.train()
     training = batches()
-    ours_s = timed(lambda: train_step(method, method, opt, scaler, next(training), None, 0.0, 0.5), steps)
-    kept = next(training)
+    ours_s = timed(lambda: train_step(method, method, opt, scaler, next(training).to(device), None, 0.0, 0.5), steps)
+    kept = next(training).to(device)
 
     # bare backbone: the same passes on the same views (in memory: no loading)
     fb, fwd_only = PASSES[name](method.cfg)
@@ -93,18 +95,44 @@ def bench_run(p: dict, run: str, steps: int) -> dict:
             "ratio_ours_over_bare": bare_s / ours_s, "ratio_loader_over_ours": ours_s / loader_s}
 
 
+def synthetic_shards(root: Path, size: int, n: int = 160) -> Path:
+    """Shards of n random size x size JPEGs in two classes (for --quick: no dataset needed)."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data.shards import write_shards
+    from pipeline.data.sources import imagefolder
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / "img" / split / c).mkdir(parents=True)
+            for i in range(n // 2):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / "img" / split / c / f"{i}.jpg")
+    write_shards(imagefolder(root / "img"), root / "shards", 50, 0, False)
+    return root / "shards"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--runs", nargs="*", default=["simclr", "mocov2"])
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--out", default="benchmarks/results/throughput-cpu.json")
+    ap.add_argument("--quick", action="store_true", help="synthetic shards, 2 steps, batch 32, nothing written")
     a = ap.parse_args()
     p = P.load(a.params)
-    results = [bench_run(p, r, a.steps) for r in a.runs]
+    shard_dir = Path("data/shards") / p["dataset"]["name"]
+    if a.quick:
+        a.steps, p["train"]["batch_size"], p["train"]["train_subset"] = 2, 32, 0
+        for r in a.runs:
+            p["methods"][p["runs"][r]["method"]].get("train", {}).pop("batch_size", None)
+        shard_dir = synthetic_shards(Path(tempfile.mkdtemp()), p["dataset"]["image_size"])
+    results = [bench_run(p, r, a.steps, shard_dir) for r in a.runs]
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
            "cuda": torch.cuda.is_available(), "steps": a.steps}
-    atomic_write_json({"env": env, "results": results}, a.out)
+    if not a.quick:
+        atomic_write_json({"env": env, "results": results}, a.out)
     for r in results:
         print(f"{r['run']:>8}: ours {r['ours_views_per_s']:.0f} views/s, bare backbone {r['bare_views_per_s']:.0f} "
               f"-> ratio {r['ratio_ours_over_bare']:.3f}; loader alone {r['loader_views_per_s']:.0f} views/s "

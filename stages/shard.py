@@ -12,7 +12,8 @@ def run(argv):
     p = params.load()
     source = open_source(p["dataset"])
     stats = write_shards(source, Path("data/shards") / p["dataset"]["name"], p["shard"]["samples_per_shard"],
-                         p["seed"], p["shard"]["skip_corrupt"], p["shard"].get("max_images", 0))
+                         p["seed"], p["shard"]["skip_corrupt"], p["shard"].get("max_images", 0),
+                         workers=p["shard"].get("workers", 0))
     atomic_write_json({"dataset": p["dataset"]["name"], **stats}, Path("reports/metrics/shard.json"))
     print(f"shard: {stats['images']} images in {stats['shards']} shards, {stats['skipped_corrupt']} skipped")
 

@@ -185,9 +185,9 @@ def labels_of(shard_dir):
 PAIRS = [(0, 5), (5, 0), (3, 3), (7, 1), (12, 20), (20, 12), (23, 2), (9, 17)]  # incl. one image with itself
 
 
-def pair_stream(shard_dir, pairs_dir, batch=8, views=3, rank=0, world=1, buffer=1, **kw):
+def pair_stream(shard_dir, pairs_dir, batch=8, views=3, rank=0, world=1, **kw):
     return ShardStream(shard_dir, [PLAIN] * views, MEAN, STD, local_batch=batch // world, n_samples=24, global_batch=batch,
-                       seed=0, rank=rank, world_size=world, shuffle_buffer=buffer, pairs_dir=pairs_dir, **kw)
+                       seed=0, rank=rank, world_size=world, pairs_dir=pairs_dir, **kw)
 
 
 @pytest.fixture
@@ -204,6 +204,7 @@ def test_epoch_holds_every_original_and_every_pair_once_in_the_right_views(shard
     imgs, label = image_tensors(shard_dir), labels_of(shard_dir)
     seen = []
     for b in ds:
+        b = b.to("cpu")   # views are uint8 until the batch reaches its device (augmentation happens there)
         for i in range(len(b.index)):
             a, p = int(b.index[i]), int(b.positive[i])
             assert torch.allclose(b.views[0][i], imgs[a], atol=1e-6)  # view 0: the anchor
@@ -216,21 +217,21 @@ def test_epoch_holds_every_original_and_every_pair_once_in_the_right_views(shard
 
 
 def test_pair_stream_resumes_and_splits_over_ranks(shard_dir, pairs_dir):
-    full = list(pair_stream(shard_dir, pairs_dir, buffer=6))
-    ds = pair_stream(shard_dir, pairs_dir, buffer=6)
+    full = list(pair_stream(shard_dir, pairs_dir))
+    ds = pair_stream(shard_dir, pairs_dir)
     ds.set_epoch(0, skip_batches=2)
     rest = list(ds)
     assert len(rest) == 2
     for x, y in zip(full[2:], rest):  # per-batch seeds: the skipped batches are not needed to reproduce the rest
         assert torch.equal(x.index, y.index) and torch.equal(x.positive, y.positive) and torch.equal(x.views[1], y.views[1])
-    per_rank = [list(pair_stream(shard_dir, pairs_dir, batch=8, rank=r, world=2, buffer=6)) for r in range(2)]
+    per_rank = [list(pair_stream(shard_dir, pairs_dir, batch=8, rank=r, world=2)) for r in range(2)]
     assert [len(b) for b in per_rank] == [4, 4]  # same number of steps on every rank: DDP never hangs
     pairs_seen = {(int(a), int(p)) for bs in per_rank for b in bs for a, p in zip(b.index, b.positive) if a != p}
     assert pairs_seen and pairs_seen <= set(PAIRS)
 
 
 def test_stream_without_pairs_is_unchanged(shard_dir):
-    plain = ShardStream(shard_dir, [ViewSpec(size=16)] * 2, MEAN, STD, 4, 24, 4, seed=0, shuffle_buffer=6)
+    plain = ShardStream(shard_dir, [ViewSpec(size=16)] * 2, MEAN, STD, 4, 24, 4, seed=0)
     assert plain.n_pairs == 0 and plain.steps == 6
     for b in plain:
         assert torch.equal(b.index, b.positive)

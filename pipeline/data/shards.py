@@ -1,4 +1,5 @@
-"""Webdataset shards: the writer (deterministic bytes), the parquet manifest, and a sequential reader.
+"""Webdataset shards: the writer (deterministic bytes, optionally a process pool), the parquet manifest,
+a sequential reader, and random access by a tar-header index (`TarIndex`, the training stream's).
 
 Layout: `<out>/{train,test}/shard-NNNNNN.tar`, `<out>/manifest.parquet` (key, index, label, split,
 shard, position), `<out>/meta.json` (classes, counts). Each tar member has a fixed mtime, owner and
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tarfile
@@ -24,7 +26,7 @@ import pandas as pd
 import webdataset as wds
 from tqdm import tqdm
 
-from pipeline.data.sources import Source, decode_rgb, iter_checked
+from pipeline.data.sources import Record, Source, check_record, decode_rgb
 from pipeline.params import DataError
 
 SPLITS = ("train", "test")
@@ -37,14 +39,18 @@ def sample_key(split: str, index: int) -> str:
 
 
 def write_shards(source: Source, out: str | Path, samples_per_shard: int, seed: int, skip_corrupt: bool,
-                 max_images: int = 0) -> dict:
+                 max_images: int = 0, workers: int = 1) -> dict:
     """Write all splits of `source` into `out` atomically (a sibling temp dir renamed at the end).
 
-    `max_images` > 0 keeps a seeded random subset of that many images per split (quick profiles)."""
+    `max_images` > 0 keeps a seeded random subset of that many images per split (quick profiles).
+    `workers` > 1 (0: every core) checks the images and writes the shards in a process pool: first every
+    image is decoded once (which are corrupt decides every later position), then each shard is written
+    by one process from its list of images; the bytes are those of the single-process writer."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    workers = workers or os.cpu_count() or 1
     rows, skipped = [], []
     for split in SPLITS:
         recs = source.splits[split]
@@ -52,22 +58,22 @@ def write_shards(source: Source, out: str | Path, samples_per_shard: int, seed: 
         if max_images and max_images < len(recs):  # test keeps source order, on a random subset
             order = order[:max_images] if split == "train" else np.sort(np.random.default_rng(seed + 1).permutation(len(recs))[:max_images])
         (tmp / split).mkdir()
-        writer, shard_name, position = None, None, 0
-        checked = iter_checked([recs[i] for i in order], skip_corrupt, lambda r, msg: skipped.append(msg))
-        for rec, data in tqdm(checked, total=len(recs), desc=f"shard {split}", unit="img", dynamic_ncols=True):
-            if position % samples_per_shard == 0:
-                if writer is not None:
-                    writer.close()
-                shard_name = f"shard-{position // samples_per_shard:06d}.tar"
-                writer = wds.TarWriter(str(tmp / split / shard_name), mtime=0.0, user="ssl", group="ssl", mode=0o444)
-            key = sample_key(split, rec.index)
-            writer.write({"__key__": key, rec.ext: data, "cls": str(rec.label).encode()})
-            rows.append((key, rec.index, rec.label, split, f"{split}/{shard_name}", position))
-            position += 1
-        if writer is not None:
-            writer.close()
-        if position == 0:
+        todo = [recs[i] for i in order]
+        kept = []
+        for rec, msg in zip(todo, _checked(todo, skip_corrupt, workers, split)):
+            if msg is None:
+                kept.append(rec)
+            else:
+                skipped.append(msg)
+        if not kept:
             raise DataError(f"{split}: no readable images in the source")
+        shards = [kept[i:i + samples_per_shard] for i in range(0, len(kept), samples_per_shard)]
+        jobs = [(str(tmp / split / f"shard-{j:06d}.tar"), split, chunk) for j, chunk in enumerate(shards)]
+        for _ in _pool_map(_write_shard, jobs, workers, f"shard {split} (write)", "shard"):
+            pass
+        for position, rec in enumerate(kept):
+            rows.append((sample_key(split, rec.index), rec.index, rec.label, split,
+                         f"{split}/shard-{position // samples_per_shard:06d}.tar", position))
     manifest = pd.DataFrame(rows, columns=["key", "index", "label", "split", "shard", "position"])
     manifest.to_parquet(tmp / "manifest.parquet", index=False)
     counts = {s: int((manifest.split == s).sum()) for s in SPLITS}
@@ -79,6 +85,62 @@ def write_shards(source: Source, out: str | Path, samples_per_shard: int, seed: 
     os.replace(tmp, out)
     return {"images": counts, "skipped_corrupt": len(skipped), "skipped": skipped[:100],
             "shards": {s: len(list((out / s).glob("*.tar"))) for s in SPLITS}}
+
+
+_CHECK_CHUNK = 256
+
+
+def _checked(records: list[Record], skip_corrupt: bool, workers: int, split: str) -> list[str | None]:
+    """Per record: None when it decodes, else the skip message (or DataError naming the first bad file)."""
+    jobs = [(records[i:i + _CHECK_CHUNK], skip_corrupt) for i in range(0, len(records), _CHECK_CHUNK)]
+    msgs: list[str | None] = []
+    for part in _pool_map(_check_chunk, jobs, workers, f"shard {split} (check)", "img", sizes=[len(j[0]) for j in jobs]):
+        msgs += part
+    return msgs
+
+
+def _check_chunk(job) -> list[str | None]:
+    records, skip_corrupt = job
+    return [check_record(r, skip_corrupt)[1] for r in records]
+
+
+def _write_shard(job) -> None:
+    path, split, records = job
+    writer = wds.TarWriter(path, mtime=0.0, user="ssl", group="ssl", mode=0o444)
+    try:
+        for rec in records:
+            writer.write({"__key__": sample_key(split, rec.index), rec.ext: rec.load(), "cls": str(rec.label).encode()})
+    finally:
+        writer.close()
+
+
+_JOBS: list = []   # the pool's work list, inherited by the forked workers (records hold unpicklable loaders)
+
+
+def _run_job(i: int):
+    fn, job = _JOBS[i]
+    return fn(job)
+
+
+def _pool_map(fn, jobs: list, workers: int, desc: str, unit: str, sizes=None):
+    """fn over jobs, results in order; a fork-started pool when workers > 1 (the jobs are not pickled: the
+    workers inherit them), in this process otherwise. A DataError in a worker reaches the caller as is."""
+    global _JOBS
+    bar = tqdm(total=sum(sizes) if sizes else len(jobs), desc=desc, unit=unit, dynamic_ncols=True)
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for k, job in enumerate(jobs):
+                yield fn(job)
+                bar.update(sizes[k] if sizes else 1)
+            return
+        _JOBS = [(fn, job) for job in jobs]
+        with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            for k, result in enumerate(pool.imap(_run_job, range(len(jobs)))):
+                yield result
+                bar.update(sizes[k] if sizes else 1)
+    finally:
+        _JOBS = []
+        bar.close()
 
 
 def read_manifest(shard_dir: str | Path, split: str | None = None) -> pd.DataFrame:
@@ -143,6 +205,102 @@ def iter_split(shard_dir: str | Path, split: str, limit: int = 0,
 def index_of_key(key: str) -> int:
     """The dataset index in a sample key (`train-00001234` -> 1234)."""
     return int(key.rsplit("-", 1)[1])
+
+
+# --- random access (the training stream) -----------------------------------------------------------
+
+def _corrupt(path, why: str) -> DataError:
+    return DataError(f"{path}: corrupt shard ({why}); rerun: dvc repro -f shard")
+
+
+class TarIndex:
+    """Random access to the samples of a list of (uncompressed) tar shards: where each member lies.
+
+    Built once from the tar headers (nothing is decoded): sample i of the concatenated shards has members
+    `first[i] .. first[i] + count[i] - 1` in flat numpy arrays (shard, byte offset, size, name), so an index
+    of ImageNet's 1.28 M samples takes a few tens of MB and pickles cheaply into loader workers. Each worker
+    process opens its own file handles (`read`), so any worker can read any sample: which images form a
+    batch never depends on how the shards are dealt."""
+
+    def __init__(self, paths, counts=None):
+        """`counts[j]`: take the first counts[j] samples of shard j (a training subset, or all of them); a
+        shard that holds fewer (a truncated tar ends early at a header) raises DataError naming it."""
+        self.paths = [str(p) for p in paths]
+        names: dict[str, int] = {}
+        shard, offset, size, name, first, count, keys = [], [], [], [], [], [], []
+        for j, path in enumerate(self.paths):
+            want = counts[j] if counts is not None else 0
+            n_before = len(first)
+            for key, members in _scan_tar(path):
+                if want and len(first) - n_before >= want:
+                    break
+                first.append(len(shard))
+                count.append(len(members))
+                keys.append(key)
+                for suffix, off, sz in members:
+                    shard.append(j)
+                    offset.append(off)
+                    size.append(sz)
+                    name.append(names.setdefault(suffix, len(names)))
+            if len(first) - n_before < want:
+                raise _corrupt(path, f"{len(first) - n_before} samples, expected {want}: truncated?")
+        self.names = list(names)
+        self.shard, self.offset = np.asarray(shard, np.int32), np.asarray(offset, np.int64)
+        self.size, self.name = np.asarray(size, np.int64), np.asarray(name, np.int16)
+        self.first, self.count = np.asarray(first, np.int64), np.asarray(count, np.int16)
+        self.keys = keys
+        self._files: dict[int, object] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_files": {}, "_pid": None}   # file handles never cross a process boundary
+
+    def read(self, i: int) -> dict:
+        """Sample i as webdataset would group it: {'__key__', '__url__', '<suffix>': bytes, ...}."""
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+        i = int(i)
+        lo = int(self.first[i])
+        path = self.paths[int(self.shard[lo])]
+        sample = {"__key__": self.keys[i], "__url__": path}
+        for m in range(lo, lo + int(self.count[i])):
+            j = int(self.shard[m])
+            f = self._files.get(j)
+            if f is None:
+                f = self._files[j] = open(self.paths[j], "rb")
+            f.seek(int(self.offset[m]))
+            data = f.read(int(self.size[m]))
+            if len(data) != int(self.size[m]):
+                raise _corrupt(path, f"sample {self.keys[i]} is cut short")
+            sample[self.names[int(self.name[m])]] = data
+        return sample
+
+
+def _scan_tar(path) -> Iterator[tuple[str, list[tuple[str, int, int]]]]:
+    """(key, [(suffix, data offset, size)]) per sample of one tar, from its headers; a truncated or
+    corrupt tar raises DataError naming it."""
+    end = os.path.getsize(path)
+    key, members = None, []
+    try:
+        with tarfile.open(path) as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                if info.offset_data + info.size > end:
+                    raise _corrupt(path, f"member {info.name} runs past the end of the file")
+                k, _, suffix = info.name.partition(".")
+                if k != key and members:
+                    yield key, members
+                    members = []
+                key = k
+                members.append((suffix, info.offset_data, info.size))
+    except (OSError, tarfile.TarError, EOFError) as e:
+        raise _corrupt(path, f"{type(e).__name__}: {e}") from None
+    if members:
+        yield key, members
 
 
 # --- pair shards (SePP-ID) ---------------------------------------------------------------------------

@@ -112,16 +112,25 @@ def decode_rgb(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 
+def check_record(r: Record, skip_corrupt: bool) -> tuple[bytes | None, str | None]:
+    """(bytes, None) for a decodable image; (None, message) for a corrupt one when skipping, else DataError
+    naming the file."""
+    try:
+        data = r.load()
+        decode_rgb(data)
+    except Exception as e:
+        msg = f"{r.origin}: unreadable image ({type(e).__name__}: {e})"
+        if not skip_corrupt:
+            raise DataError(f"{msg}; fix or remove it, or set shard.skip_corrupt: true to skip and count it") from None
+        return None, msg
+    return data, None
+
+
 def iter_checked(records: list[Record], skip_corrupt: bool, on_skip: Callable[[Record, str], None]) -> Iterator[tuple[Record, bytes]]:
     """Yield (record, bytes) for every decodable image; a corrupt one raises naming the file, or is skipped."""
     for r in records:
-        try:
-            data = r.load()
-            decode_rgb(data)
-        except Exception as e:
-            msg = f"{r.origin}: unreadable image ({type(e).__name__}: {e})"
-            if not skip_corrupt:
-                raise DataError(f"{msg}; fix or remove it, or set shard.skip_corrupt: true to skip and count it") from None
+        data, msg = check_record(r, skip_corrupt)
+        if msg is not None:
             on_skip(r, msg)
             continue
         yield r, data
