@@ -24,7 +24,9 @@ DATASET = Section({
     "name": Str(), "source": Str(SOURCES), "root": Str(), "image_size": Int(8),
     "mean": List(Float(0, 1), 3), "std": List(Float(0, 1, open_min=True), 3),
 })
-SHARD = Section({"samples_per_shard": Int(1), "skip_corrupt": Bool(), "max_images": Int(0)}, optional=("max_images",))
+# workers: processes of the shard writer (0 = every core); a runtime knob, the bytes do not depend on it
+SHARD = Section({"samples_per_shard": Int(1), "skip_corrupt": Bool(), "max_images": Int(0), "workers": Int(0)},
+                optional=("max_images", "workers"))
 BACKBONE = Section(
     {"arch": Str(ARCHS), "width": Int(2), "cifar_stem": Bool(), "patch_size": Int(1), "depth": Int(1)},
     optional=("width", "cifar_stem", "patch_size", "depth"),
@@ -38,10 +40,10 @@ TRAIN_KEYS: dict[str, Validator] = {
     "optimizer": Str(("sgd", "lars", "adam", "adamw")), "lr": Float(0), "momentum": Float(0, 1),
     "weight_decay": Float(0), "warmup_epochs": Float(0), "min_lr_ratio": Float(0, 1),
     "checkpoint_every": Int(1), "amp": Str(("bf16", "fp16", "off")), "channels_last": Bool(),
-    "sync_bn": Bool(), "grad_clip": Float(0), "shuffle_buffer": Int(1), "lr_scaling": Str(("linear", "none")),
-    "weight_decay_end": Float(0), "knn_monitor": List(Int(0), 2),
+    "sync_bn": Bool(), "grad_clip": Float(0), "lr_scaling": Str(("linear", "none")),
+    "weight_decay_end": Float(0), "knn_monitor": List(Int(0), 2), "knn_monitor_every": Int(1), "sync_every": Int(1),
 }
-TRAIN = Section(TRAIN_KEYS, optional=("lr_scaling", "weight_decay_end", "knn_monitor"))
+TRAIN = Section(TRAIN_KEYS, optional=("lr_scaling", "weight_decay_end", "knn_monitor", "knn_monitor_every", "sync_every"))
 RUN = Section({"method": Str(), "backbone": Str(), "overrides": lambda v, k: v}, optional=("overrides",))
 PAIR_KINDS = ("semantic", "random")
 # a run trained on the original images plus a pair set of the mine stage (SePP-ID §3.2)
@@ -56,9 +58,12 @@ MINE = Section({
 EVALUATE = Section({
     "batch_size": Int(1), "knn_k": List(Int(1), min_len=1), "knn_temperature": Float(0, open_min=True),
     "linear_C": List(Float(0, open_min=True), min_len=1), "linear_val_fraction": Float(0, 0.9, open_min=True),
-    "linear_max_iter": Int(1), "semi_fractions": List(Float(0, 1, open_min=True)), "semi_seeds": List(Int(0), min_len=1),
+    "linear_max_iter": Int(1), "linear_tol": Float(0, open_min=True), "semi_fractions": List(Float(0, 1, open_min=True)), "semi_seeds": List(Int(0), min_len=1),
     "semi_learner": Str(("label_spreading", "self_training")), "semi_unlabelled_max": Int(0), "train_subset": Int(0),
-})
+    # features/mine: DataLoader processes (a runtime knob: the features do not depend on it), and the eval
+    # view's centre-crop ratio for large images (pipeline.data.eval_view; default 0.875: 224 from 256)
+    "num_workers": Int(0), "crop_ratio": Float(0, 1, open_min=True),
+}, optional=("num_workers", "crop_ratio"))
 # beside: {run: base run} puts a paper's method next to the method it builds on, with the difference
 REPORT = Section({"title": Str(), "beside": MapOf(Str(), allow_empty=True)}, optional=("beside",))
 
@@ -68,24 +73,35 @@ TOP = {
     "seed": Int(0), "launcher": Str(), "dataset": DATASET, "shard": SHARD, "backbones": MapOf(BACKBONE), "runs": MapOf(RUN),
     "augment": AUGMENT, "train": TRAIN, "methods": MapOf(lambda v, k: v), "evaluate": EVALUATE, "report": REPORT,
     "mine": MINE, "pair_runs": MapOf(PAIR_RUN, allow_empty=True),
+    # {run: [seed, ...]}: the training seeds of a run, each its own instance (see `instances`). Kept apart
+    # from the run's own entry, so adding a seed adds stages and leaves the trained seeds cached.
+    "seeds": MapOf(List(Int(0), min_len=1), allow_empty=True),
 }
 
 
-def validate(raw: dict) -> dict:
-    """Validate a whole params mapping; return a normalised copy. Raises ParamError naming the key."""
+def validate(raw: dict, methods=None) -> dict:
+    """Validate a whole params mapping; return a normalised copy. Raises ParamError naming the key.
+
+    `methods`: the methods whose blocks (and runs' overrides) are checked against their `PARAMS` schema,
+    which imports their files; None checks every method. A stage checks only the methods it runs, so it
+    loads (and depends on) no other method's code.
+    """
     if not isinstance(raw, dict):
         raise ParamError("params: expected a mapping at the top level")
-    p = Section(TOP)(copy.deepcopy(raw), "")
-    from pipeline.methods import registry  # late: the registry imports torch
+    p = Section(TOP, optional=("seeds",))(copy.deepcopy(raw), "")
+    from pipeline.methods import registry
 
+    for name in p["methods"]:
+        registry.module_of(name, key=f"methods.{name}")   # an unknown method is an error for every stage
+    checked = set(p["methods"]) if methods is None else set(methods)
     for name, block in p["methods"].items():
-        registry.get(name, key=f"methods.{name}")
-        p["methods"][name] = _method_block(name, block, f"methods.{name}")
+        if name in checked:
+            p["methods"][name] = _method_block(name, block, f"methods.{name}")
     for section in RUN_SECTIONS:
         for run, spec in p[section].items():
             if spec["method"] not in p["methods"]:
                 raise ParamError(f"{section}.{run}.method: {spec['method']!r} has no block under methods (have: {', '.join(p['methods'])})")
-            if "overrides" in spec:
+            if "overrides" in spec and spec["method"] in checked:
                 spec["overrides"] = _method_block(spec["method"], spec["overrides"], f"{section}.{run}.overrides")
             if spec["backbone"] not in p["backbones"]:
                 raise ParamError(f"{section}.{run}.backbone: {spec['backbone']!r} is not defined under backbones (have: {', '.join(p['backbones'])})")
@@ -94,6 +110,14 @@ def validate(raw: dict) -> dict:
         if run in p["runs"]:
             raise ParamError(f"pair_runs.{run}: the name is already a run under runs (run names must be unique across runs and pair_runs)")
     every_run = [*p["runs"], *p["pair_runs"]]
+    for run in p.get("seeds", {}):
+        if run not in every_run:
+            raise ParamError(f"seeds.{run}: not a run under runs or pair_runs (have: {', '.join(every_run)})")
+    seen: dict[str, str] = {}
+    for name, inst in instances(p).items():
+        if name in seen or (name != inst["run"] and name in every_run):
+            raise ParamError(f"seeds.{inst['run']}: instance {name!r} clashes with a run of that name")
+        seen[name] = inst["run"]
     for run, base in p["report"].get("beside", {}).items():
         for key, name in ((f"report.beside.{run}", run), (f"report.beside.{run}", base)):
             if name not in every_run:
@@ -125,8 +149,8 @@ def _method_block(method: str, block: dict | None, key: str) -> dict:
     return checked
 
 
-def load(path: str | Path = "params.yaml") -> dict:
-    """Read and validate a params file; errors name the file and the key."""
+def load(path: str | Path = "params.yaml", methods=None) -> dict:
+    """Read and validate a params file (`methods`: as for `validate`); errors name the file and the key."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -135,18 +159,51 @@ def load(path: str | Path = "params.yaml") -> dict:
     except yaml.YAMLError as e:
         raise ParamError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     try:
-        return validate(raw)
+        return validate(raw, methods)
     except ParamError as e:
         raise ParamError(f"{path}: {e}") from None
 
 
+def instance_name(run: str, seed: int, default_seed: int) -> str:
+    """A run trained under the global `seed` keeps the run's name (and its artifacts); another seed adds `-s<seed>`."""
+    return run if seed == default_seed else f"{run}-s{seed}"
+
+
+def instances(p: dict) -> dict[str, dict]:
+    """{instance: {"run", "section", "seed"}}: every run of `runs:` / `pair_runs:` once per training seed.
+
+    A run not under `seeds:` trains once, under the global `seed`. Each instance is its own pretrain /
+    features / evaluate stages and artifacts; all of them read the run's params, so `dvc exp run -S
+    runs.<run>.<key>=...` retrains every seed of the run.
+    """
+    out = {}
+    for section in RUN_SECTIONS:
+        for run, spec in p.get(section, {}).items():
+            for seed in p.get("seeds", {}).get(run, [p["seed"]]):
+                out[instance_name(run, seed, p["seed"])] = {"run": run, "section": section, "seed": seed}
+    return out
+
+
 def run_spec(p: dict, run: str) -> dict:
-    """A run's entry, from `runs:` or `pair_runs:` (names are unique across both)."""
+    """A run's entry, from `runs:` or `pair_runs:` (names are unique across both); an instance name gives its run's."""
     for section in RUN_SECTIONS:
         if run in p.get(section, {}):
             return p[section][run]
+    inst = instances(p).get(run)
+    if inst is not None:
+        return p[inst["section"]][inst["run"]]
     have = [r for section in RUN_SECTIONS for r in p.get(section, {})]
     raise ParamError(f"runs.{run}: no such run under runs or pair_runs (have: {', '.join(have)})")
+
+
+def for_instance(p: dict, name: str) -> dict:
+    """The params one instance trains and evaluates with: its run's, under the instance's seed."""
+    inst = instances(p).get(name)
+    if inst is None:
+        run_spec(p, name)   # raises, naming the known runs
+    out = dict(p)
+    out["seed"] = inst["seed"]
+    return out
 
 
 def method_config(p: dict, run: str) -> tuple[str, dict, dict, dict]:

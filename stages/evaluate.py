@@ -1,28 +1,58 @@
-"""evaluate stage: `python stages/evaluate.py <run>` -> reports/metrics/evaluate/<run>.json.
+"""evaluate stage: `python stages/evaluate.py <run>` -> the run's evaluate metrics (JSON) and test predictions (parquet).
 
-Reads the cached features of the run (features stage) and runs kNN, linear and semi-supervised protocols.
+Reads the cached (memory-mapped) features of the run (features stage) and runs kNN, linear and
+semi-supervised protocols on the training device. The predictions file has one row per test image:
+`index` (test position), `label`, and one column per protocol (`knn_<k>`, `linear`,
+`semi_<pct>_<learner>_s<seed>`), so any two runs can be compared image by image.
 """
 from pathlib import Path
 
-from pipeline import params
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import params, paths
 from pipeline.cli import main, params_and_run
 from pipeline.eval.features import load_features
 from pipeline.eval.protocols import evaluate_features
-from pipeline.utils import atomic_write_json
+from pipeline.utils import atomic_write_json, atomic_write_with
 
 
-def run(argv):
-    p, name = params_and_run(argv, "evaluate")
-    feat_dir = Path("data/features") / name
-    train, test = load_features(feat_dir / "train.npz"), load_features(feat_dir / "test.npz")
+def predictions_table(labels: np.ndarray, preds: dict[str, np.ndarray]) -> pa.Table:
+    """index int32, label int16, then one int16 column per protocol in the given order (-1 = no prediction)."""
+    cols = {"index": np.arange(len(labels), dtype=np.int32), "label": np.asarray(labels).astype(np.int16)}
+    for name, pred in preds.items():
+        if len(pred) != len(labels):
+            raise ValueError(f"predictions {name}: {len(pred)} rows for {len(labels)} test images")
+        cols[name] = np.asarray(pred).astype(np.int16)
+    return pa.table(cols)
+
+
+def write_predictions(path: Path, labels: np.ndarray, preds: dict[str, np.ndarray]) -> None:
+    table = predictions_table(labels, preds)
+    atomic_write_with(path, lambda f: pq.write_table(table, f))
+
+
+def evaluate_run(p: dict, name: str, feat_dir: Path, metrics_path: Path, predictions_path: Path) -> dict:
+    """Evaluate one run's features from `feat_dir`; write its metrics and predictions where the caller says."""
+    train, test = load_features(feat_dir, "train"), load_features(feat_dir, "test")
     if train[0].shape[1] != test[0].shape[1]:
         raise params.DataError(f"{feat_dir}: train and test features differ in width "
                                f"({train[0].shape[1]} vs {test[0].shape[1]}); rerun: dvc repro -f features@{name}")
     spec = params.run_spec(p, name)
-    metrics = evaluate_features(train, test, p["evaluate"], seed=p["seed"])
-    out = Path("reports/metrics/evaluate") / f"{name}.json"
-    atomic_write_json({"run": name, "method": spec["method"], "backbone": spec["backbone"], **metrics}, out)
-    print(f"evaluate {name}: knn {metrics['knn']}, linear {metrics['linear']['top1']:.2f}% -> {out}")
+    metrics, preds = evaluate_features(train, test, p["evaluate"], seed=p["seed"], return_predictions=True)
+    write_predictions(predictions_path, test[1], preds)
+    atomic_write_json({"run": name, "method": spec["method"], "backbone": spec["backbone"], "seed": p["seed"],
+                       **metrics}, metrics_path)
+    return metrics
+
+
+def run(argv):
+    p, name = params_and_run(argv, "evaluate")
+    metrics_path, predictions_path = paths.evaluate_metrics(name), paths.predictions(name)
+    metrics = evaluate_run(p, name, paths.features(name), metrics_path, predictions_path)
+    print(f"evaluate {name}: knn {metrics['knn']}, linear {metrics['linear']['top1']:.2f}% "
+          f"(converged: {metrics['linear']['converged']}) -> {metrics_path}, {predictions_path}")
 
 
 if __name__ == "__main__":

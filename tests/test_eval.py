@@ -6,18 +6,19 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torch import nn
+import pyarrow.parquet as pq
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import cross_val_score
+from sklearn.neighbors import NearestNeighbors
+from sklearn.preprocessing import StandardScaler
 
-from pipeline.data.shards import read_manifest, write_shards
-from pipeline.data.sources import imagefolder
-from pipeline.data.views import eval_transform
-from pipeline.eval.features import extract_features, load_features, save_features
-from pipeline.eval.knn import knn_accuracy, nearest_neighbours, weighted_vote
-from pipeline.eval.linear import linear_probe
+import pipeline.eval.linear as linear
+from pipeline.eval.knn import knn_accuracy, knn_predict, nearest_neighbours, weighted_vote
+from pipeline.eval.linear import SoftmaxRegression, linear_probe
 from pipeline.eval.protocols import evaluate_features
 from pipeline.eval.semi import balanced_subset, fit_semi, semi_supervised
-from pipeline.params import DataError
+from stages.evaluate import write_predictions
 
 
 def blobs(n_per_class: int, num_classes: int, dim: int, spread: float, seed: int):
@@ -84,16 +85,44 @@ def test_knn_k_list_from_one_search_equals_separate_searches():
     assert 20.0 < together[10] <= 100.0   # noisy but well above chance (20%)
 
 
-def test_knn_blocks_do_not_change_results(monkeypatch):
-    import pipeline.eval.knn as knn
-
+def test_knn_chunks_and_memmap_do_not_change_results(tmp_path):
     x_tr, y_tr = blobs(30, 4, 6, spread=1.0, seed=2)
     x_te, y_te = blobs(25, 4, 6, spread=1.0, seed=3)
-    whole = knn.nearest_neighbours(x_tr, x_te, 7)
-    monkeypatch.setattr(knn, "BLOCK_ELEMS", len(x_tr) * 3)   # 3 test rows per query block
-    blocked = knn.nearest_neighbours(x_tr, x_te, 7)
-    np.testing.assert_array_equal(whole[1], blocked[1])
-    np.testing.assert_allclose(whole[0], blocked[0], rtol=1e-6)
+    whole = nearest_neighbours(x_tr, x_te, 7, device="cpu")
+    # 3 queries x 11 bank rows per product: the running top-k merges 11 chunks, the last one of 10 rows
+    chunked = nearest_neighbours(x_tr, x_te, 7, device="cpu", query_block=3, bank_chunk=11)
+    np.save(tmp_path / "bank.npy", x_tr)
+    mapped = nearest_neighbours(np.load(tmp_path / "bank.npy", mmap_mode="r"), x_te, 7, device="cpu", bank_chunk=4)
+    for other in (chunked, mapped):
+        np.testing.assert_array_equal(whole[1], other[1])
+        np.testing.assert_allclose(whole[0], other[0], rtol=1e-6)
+
+
+def old_sklearn_neighbours(train, query, k):
+    """The scikit-learn path this module replaced: brute-force cosine search on L2-normalised features."""
+    norm = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    nn_ = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(norm(train))
+    dist, ind = nn_.kneighbors(norm(query))
+    return 1.0 - dist, ind
+
+
+def test_knn_matches_the_old_sklearn_search_up_to_ties():
+    rng = np.random.default_rng(12)
+    x_tr = rng.normal(size=(700, 24)).astype(np.float32)
+    x_te = rng.normal(size=(90, 24)).astype(np.float32)
+    k = 25
+    old_s, old_i = old_sklearn_neighbours(x_tr, x_te, k)
+    new_s, new_i = nearest_neighbours(x_tr, x_te, k, device="cpu", query_block=32, bank_chunk=128)
+    np.testing.assert_allclose(new_s, old_s, atol=1e-6)
+    for row in range(len(x_te)):
+        # the same neighbours in the same order, except that near-tied similarities (float rounding) may swap
+        # or trade the last place: every neighbour clearly inside the top k is in both lists
+        clear = lambda s, i: set(i[s > s[-1] + 1e-5])
+        assert clear(new_s[row], new_i[row]) == clear(old_s[row], old_i[row])
+    assert (new_i == old_i).mean() > 0.99
+    y_tr = rng.integers(0, 5, size=len(x_tr))
+    old_pred = weighted_vote(old_s.astype(np.float32), y_tr[old_i], k, 0.1, 5)
+    np.testing.assert_array_equal(knn_predict(x_tr, y_tr, x_te, [k], 0.1, device="cpu")[k], old_pred)
 
 
 # --- linear probe ------------------------------------------------------------------------------------
@@ -122,6 +151,73 @@ def test_linear_probe_chooses_on_validation_not_test():
         assert res["C"] == 1.0
     else:
         assert res["C"] == max(res["val_top1"], key=res["val_top1"].get)
+
+
+def logistic_problem(n: int, classes: int, seed: int):
+    """Features of mixed scale and offset with noisy linear labels: not separable, so the optimum is finite."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)) * rng.uniform(0.5, 3.0, size=8) + rng.normal(size=8)
+    y = (x @ rng.normal(size=(8, classes)) + 2.0 * rng.normal(size=(n, classes))).argmax(axis=1)
+    return x.astype(np.float32), y
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_softmax_regression_matches_sklearn_logistic_regression(classes):
+    x, y = logistic_problem(300, classes, seed=classes)
+    C = 0.5
+    # scikit-learn's objective on standardised features: C * sum CE + ||W||^2 / 2 (binary: one weight vector)
+    ref = LogisticRegression(C=C, tol=1e-8, max_iter=5000).fit(StandardScaler().fit_transform(x), y)
+    ours = SoftmaxRegression(C=C, tol=1e-6, device="cpu").fit(x, y)
+    assert ours.converged_ and ours.grad_norm_ <= 1e-6 and ours.n_iter_ < 200
+    x_std = StandardScaler().fit(x).transform(x)
+    np.testing.assert_allclose(ours.predict_proba(x), ref.predict_proba(x_std), atol=2e-4)
+    np.testing.assert_array_equal(ours.predict(x), ref.predict(x_std))
+    # float32 products (the CUDA default) reach scikit-learn's own tolerance and nearly the same model
+    fast = SoftmaxRegression(C=C, tol=1e-4, device="cpu", matmul_dtype="float32").fit(x, y)
+    assert fast.converged_ and fast.matmul_dtype_ == "float32"
+    np.testing.assert_allclose(fast.predict_proba(x), ref.predict_proba(x_std), atol=5e-3)
+    # coef_ / intercept_ act on the raw features: the same logits as the standardised model
+    np.testing.assert_allclose(x @ ours.coef_.T + ours.intercept_, ours.decision_function(x), atol=1e-4)
+
+
+def test_softmax_regression_streamed_and_row_subset_equal_the_in_memory_fit(monkeypatch):
+    x, y = logistic_problem(200, 3, seed=5)
+    rows = np.arange(0, 200, 3)
+    direct = SoftmaxRegression(C=1.0, tol=1e-6, device="cpu", chunk_rows=64).fit(x[rows], y[rows])
+    by_rows = SoftmaxRegression(C=1.0, tol=1e-6, device="cpu", chunk_rows=16).fit_rows(x, y, rows)
+    monkeypatch.setattr(linear, "DEVICE_FRACTION", 0.0)        # nothing fits "on the device": stream from host
+    streamed = SoftmaxRegression(C=1.0, tol=1e-6, device="cpu", chunk_rows=16).fit_rows(x, y, rows)
+    assert (direct.solver_, streamed.solver_) == ("lbfgs-device", "lbfgs-streamed")
+    for other in (by_rows, streamed):
+        np.testing.assert_allclose(other.predict_proba(x), direct.predict_proba(x), atol=1e-5)
+        assert other.converged_
+
+
+def test_softmax_regression_is_a_sklearn_estimator():
+    x, y = logistic_problem(120, 3, seed=6)
+    est = SoftmaxRegression(C=2.0, max_iter=300, device="cpu")
+    assert clone(est).get_params() == est.get_params() == {"C": 2.0, "max_iter": 300, "tol": 1e-4, "device": "cpu",
+                                                           "chunk_rows": linear.CHUNK_ROWS, "matmul_dtype": None}
+    assert est.set_params(C=0.1).C == 0.1
+    scores = cross_val_score(est, x, y, cv=3)                  # model selection drives it
+    assert scores.shape == (3,) and np.all(scores > 0.4)       # chance is 1/3
+    labels = np.array(["cat", "dog", "eel"])[y]                # any class labels, as scikit-learn's
+    fitted = SoftmaxRegression(device="cpu").fit(x, labels)
+    assert list(fitted.classes_) == ["cat", "dog", "eel"] and fitted.score(x, labels) == pytest.approx(
+        np.mean(fitted.predict(x) == labels))
+    np.testing.assert_allclose(fitted.predict_proba(x).sum(axis=1), 1.0, atol=1e-9)
+
+
+def test_linear_probe_reports_convergence_and_predictions():
+    x, y = logistic_problem(300, 3, seed=7)
+    res, pred = linear_probe(x, y, x[:40], y[:40], [0.1, 1.0], val_fraction=0.2, max_iter=500, device="cpu",
+                             return_predictions=True)
+    assert res["converged"] and res["grad_norm"] <= 1e-4 and res["criterion"] == "max|grad| <= 0.0001"
+    assert set(res["val_converged"]) == {0.1, 1.0} and all(res["val_converged"].values())
+    assert res["top1"] == pytest.approx(100.0 * np.mean(pred == y[:40]))
+    # one iteration is not enough: flagged, not hidden
+    short = linear_probe(x, y, x[:40], y[:40], [1.0], val_fraction=0.2, max_iter=1, device="cpu")
+    assert short["converged"] is False and short["n_iter"] == 1 and short["grad_norm"] > 1e-4
 
 
 # --- semi-supervised ---------------------------------------------------------------------------------
@@ -155,7 +251,8 @@ def test_semi_supervised_beats_chance_on_clusters(learner):
             assert r["mean"] == pytest.approx(np.mean(r["values"]))
             assert r["std"] == pytest.approx(np.std(r["values"], ddof=1))
             assert r["mean"] > 50.0          # chance is 25%
-        assert per[learner]["n_unlabelled"] == 150
+        assert per[learner]["n_unlabelled"] == 150 and per[learner]["unlabelled_max"] == 150
+        assert per["logreg"]["converged"] == [True, True] and len(per["logreg"]["grad_norm"]) == 2
         if learner == "label_spreading":
             assert per[learner]["unreached_test"] == [0, 0]
     assert res["0.02"]["logreg"]["n_labelled"] == 8       # floor(0.02 * 400 / 4) = 2 per class
@@ -178,71 +275,32 @@ def test_evaluate_features_shape_and_subset():
     x_tr, y_tr = blobs(50, 3, 8, spread=0.3, seed=8)
     x_te, y_te = blobs(10, 3, 8, spread=0.3, seed=8)
     cfg = {"batch_size": 8, "knn_k": [5, 20], "knn_temperature": 0.1, "linear_C": [0.1, 1.0],
-           "linear_val_fraction": 0.2, "linear_max_iter": 100, "semi_fractions": [0.1], "semi_seeds": [0, 1],
-           "semi_learner": "label_spreading", "semi_unlabelled_max": 0, "train_subset": 120}
-    out = evaluate_features((x_tr, y_tr), (x_te, y_te, ["k"] * len(y_te)), cfg, log=lambda *_: None)
+           "linear_val_fraction": 0.2, "linear_max_iter": 100, "linear_tol": 1e-4, "semi_fractions": [0.1],
+           "semi_seeds": [0, 1], "semi_learner": "label_spreading", "semi_unlabelled_max": 0, "train_subset": 120}
+    out, preds = evaluate_features((x_tr, y_tr), (x_te, y_te, ["k"] * len(y_te)), cfg, log=lambda *_: None,
+                                   device="cpu", return_predictions=True)
     assert out["n_train"] == 120 and out["n_test"] == 30 and out["feat_dim"] == 8
     assert set(out["knn"]) == {"5", "20"} and out["knn_temperature"] == 0.1
     assert set(out["linear"]["val_top1"]) == {"0.1", "1.0"} and out["linear"]["C"] in (0.1, 1.0)
     assert set(out["semi"]["0.1"]) == {"logreg", "label_spreading"}
     assert set(out["seconds"]) == {"knn", "linear", "semi"}
+    assert out["linear"]["converged"] and out["semi_unlabelled_max"] == 0
+    # one prediction column per protocol, and each reproduces its reported accuracy
+    assert list(preds) == ["knn_5", "knn_20", "linear", "semi_10pct_logreg_s0", "semi_10pct_label_spreading_s0",
+                           "semi_10pct_logreg_s1", "semi_10pct_label_spreading_s1"]
+    assert out["knn"]["20"] == pytest.approx(100.0 * np.mean(preds["knn_20"] == y_te))
+    assert out["linear"]["top1"] == pytest.approx(100.0 * np.mean(preds["linear"] == y_te))
+    assert out["semi"]["0.1"]["label_spreading"]["values"][1] == pytest.approx(
+        100.0 * np.mean(preds["semi_10pct_label_spreading_s1"] == y_te))
 
 
-# --- feature cache and extraction -------------------------------------------------------------------------
-
-def test_features_roundtrip(tmp_path):
-    rng = np.random.default_rng(0)
-    feats = rng.normal(size=(7, 5)).astype(np.float32)
-    labels = rng.integers(0, 3, size=7)
-    keys = [f"train-{i:08d}" for i in range(7)]
-    path = tmp_path / "sub" / "train.npz"
-    save_features(path, feats, labels, keys)
-    f2, l2, k2 = load_features(path)
-    np.testing.assert_array_equal(f2, feats)
-    np.testing.assert_array_equal(l2, labels)
-    assert f2.dtype == np.float32 and l2.dtype == np.int64 and k2 == keys
-    assert [p.name for p in path.parent.iterdir()] == ["train.npz"]     # no temp file left behind
-    with pytest.raises(DataError, match="features missing"):
-        load_features(tmp_path / "nope.npz")
-
-
-class PoolBackbone(nn.Module):
-    """A deterministic stand-in encoder: 2x2 average pool of the normalised image -> 12-d features."""
-
-    feat_dim = 12
-
-    def forward(self, x):
-        return nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
-
-
-def test_extract_features_on_tiny_shards(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "folder"
-    n_train = {"cat": 4, "dog": 3}
-    for split, per in (("train", n_train), ("test", {"cat": 2, "dog": 2})):
-        for cls, n in per.items():
-            (root / split / cls).mkdir(parents=True)
-            for i in range(n):
-                size = (int(rng.integers(10, 20)), int(rng.integers(10, 20)))
-                Image.fromarray(rng.integers(0, 255, size=(*size, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
-    shard_dir = tmp_path / "shards"
-    write_shards(imagefolder(root), shard_dir, samples_per_shard=3, seed=0, skip_corrupt=False)
-    mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
-
-    feats, labels, keys = extract_features(PoolBackbone(), shard_dir, "train", 8, mean, std, batch_size=2, device="cpu")
-    manifest = read_manifest(shard_dir, "train")
-    assert feats.shape == (7, 12) and feats.dtype == np.float32 and labels.dtype == np.int64
-    assert keys == manifest.key.tolist()                        # manifest (shard) order, each once
-    np.testing.assert_array_equal(labels, manifest.label.to_numpy())
-    assert sorted(labels.tolist()) == [0, 0, 0, 0, 1, 1, 1]
-    # the features are the un-augmented eval view of each image, pushed through the backbone
-    first = manifest.iloc[0]
-    cls = ["cat", "dog"][first["label"]]
-    files = sorted((root / "train" / cls).iterdir())
-    img = Image.open(files[first["index"] - (0 if cls == "cat" else n_train["cat"])]).convert("RGB")
-    expect = PoolBackbone()(eval_transform(8, mean, std)(img)[None]).numpy()[0]
-    np.testing.assert_allclose(feats[0], expect, rtol=1e-5, atol=1e-6)
-
-    t_feats, t_labels, t_keys = extract_features(PoolBackbone(), shard_dir, "test", 8, mean, std, batch_size=3,
-                                                 device=torch.device("cpu"), limit=3)
-    assert t_feats.shape == (3, 12) and t_keys == read_manifest(shard_dir, "test").key.tolist()[:3]
+def test_predictions_parquet_columns_and_types(tmp_path):
+    path = tmp_path / "predictions" / "run.parquet"
+    labels = np.array([3, 0, 2], dtype=np.int64)
+    write_predictions(path, labels, {"knn_20": np.array([3, 1, 2]), "semi_1pct_label_spreading_s0": np.array([3, -1, 2])})
+    table = pq.read_table(path)
+    assert table.column_names == ["index", "label", "knn_20", "semi_1pct_label_spreading_s0"]
+    assert [str(t) for t in table.schema.types] == ["int32", "int16", "int16", "int16"]
+    assert table.to_pydict() == {"index": [0, 1, 2], "label": [3, 0, 2], "knn_20": [3, 1, 2],
+                                 "semi_1pct_label_spreading_s0": [3, -1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ["run.parquet"]     # written atomically, no temp left

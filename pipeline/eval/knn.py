@@ -1,4 +1,4 @@
-"""Weighted k-nearest-neighbour classification of frozen features.
+"""Weighted k-nearest-neighbour classification of frozen features, as chunked matrix products in torch.
 
 Protocol of Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance
 Discrimination" (InstDisc, §3.4): each of the k nearest training features (cosine similarity s_i)
@@ -6,14 +6,25 @@ votes for its class with weight exp(s_i / T); the prediction is the class with t
 weight. Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers" (DINO,
 §4.1 / appendix) use the same rule with T = 0.1 and report k = 20; we report every k in the list
 (default 10, 20, 200).
+
+The search runs on the training device (GPU when present): queries and bank are L2-normalised once,
+the bank is streamed in chunks (a memory-mapped `.npy` works), every chunk is multiplied with blocks
+of queries and a running top-k per query is merged with the chunk's top-k. Memory is bounded by
+QUERY_BLOCK x BANK_CHUNK similarities plus one bank chunk, whatever the bank size.
 """
 from __future__ import annotations
 
-import numpy as np
-from sklearn.neighbors import NearestNeighbors
+import contextlib
 
-# test rows per neighbour query: the (block, n_train) similarity block stays ~64 MB of float32
-BLOCK_ELEMS = 1 << 24
+import numpy as np
+import torch
+
+from pipeline.utils import pick_device
+
+# 2048 x 65536 float32 similarities = 512 MiB per block: large enough that the matmul, not top-k or
+# the merge, dominates (see benchmarks/eval_scale.py), small enough for a 24 GiB machine
+QUERY_BLOCK = 2048
+BANK_CHUNK = 65536
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -22,23 +33,68 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)   # an all-zero feature stays zero instead of becoming NaN
 
 
-def nearest_neighbours(train: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(cosine similarities, train indices), each (n_query, k), most similar first.
+@contextlib.contextmanager
+def exact_fp32_matmul(device: torch.device):
+    """Full float32 matmuls on CUDA (no TF32), so device results match the CPU's up to rounding."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
 
-    One brute-force cosine search for the largest k; the test set is queried in blocks so memory is
-    bounded by BLOCK_ELEMS whatever the test-set size.
+
+def rows_to_device(x, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """Rows [start, stop) of an array, memmap or tensor as float32 on `device` (only those rows are read)."""
+    if isinstance(x, torch.Tensor):
+        return x[start:stop].to(device=device, dtype=torch.float32)
+    chunk = np.ascontiguousarray(x[start:stop], dtype=np.float32)
+    if not chunk.flags.writeable:   # a read-only memmap: torch wants memory it may write
+        chunk = chunk.copy()
+    return torch.from_numpy(chunk).to(device)
+
+
+def normalize_rows(t: torch.Tensor) -> torch.Tensor:
+    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def merge_top_k(best_s: torch.Tensor, best_i: torch.Tensor, s: torch.Tensor, i: torch.Tensor, k: int):
+    """The k largest of two (rows, *) candidate lists, sorted descending."""
+    s, pos = torch.cat([best_s, s], dim=1).topk(k, dim=1)
+    return s, torch.cat([best_i, i], dim=1).gather(1, pos)
+
+
+@torch.no_grad()
+def nearest_neighbours(train, query, k: int, device=None, query_block: int | None = None,
+                       bank_chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(cosine similarities, train indices), each (n_query, k) numpy, most similar first.
+
+    `train` / `query`: arrays, memmaps or tensors. The bank is read once, chunk by chunk, normalised as
+    it is read; the queries are normalised once and held on the device. A k larger than the bank uses all of it.
     """
-    train, query = l2_normalize(train), l2_normalize(query)
-    k = min(k, len(train))
-    nn = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(train)
-    block = int(np.clip(BLOCK_ELEMS // max(len(train), 1), 1, 4096))
-    sims = np.empty((len(query), k), dtype=np.float32)
-    idx = np.empty((len(query), k), dtype=np.int64)
-    for start in range(0, len(query), block):
-        dist, ind = nn.kneighbors(query[start:start + block], return_distance=True)
-        sims[start:start + block] = 1.0 - dist   # sklearn's cosine distance is 1 - cosine similarity
-        idx[start:start + block] = ind
-    return sims, idx
+    device = torch.device(device) if device is not None else pick_device()
+    query_block, bank_chunk = query_block or QUERY_BLOCK, bank_chunk or BANK_CHUNK
+    n_train, n_query = len(train), len(query)
+    k = min(int(k), n_train)
+    q = normalize_rows(rows_to_device(query, 0, n_query, device))
+    best_s = torch.full((n_query, 0), -torch.inf, device=device)
+    best_i = torch.zeros((n_query, 0), dtype=torch.int64, device=device)
+    with exact_fp32_matmul(device):
+        for b0 in range(0, n_train, bank_chunk):
+            bank = normalize_rows(rows_to_device(train, b0, min(b0 + bank_chunk, n_train), device))
+            kc = min(k, len(bank))
+            new_s, new_i = [], []
+            for q0 in range(0, n_query, query_block):
+                s, i = (q[q0:q0 + query_block] @ bank.T).topk(kc, dim=1)
+                new_s.append(s)
+                new_i.append(i + b0)
+            s, i = torch.cat(new_s), torch.cat(new_i)
+            # the first chunk is taken as is; later ones are merged with the running best k
+            best_s, best_i = (s, i) if best_s.shape[1] == 0 else merge_top_k(best_s, best_i, s, i, k)
+    return best_s.cpu().numpy(), best_i.cpu().numpy()
 
 
 def weighted_vote(sims: np.ndarray, neighbour_labels: np.ndarray, k: int, temperature: float,
@@ -53,21 +109,24 @@ def weighted_vote(sims: np.ndarray, neighbour_labels: np.ndarray, k: int, temper
     return scores.reshape(len(s), num_classes).argmax(axis=1)
 
 
-def knn_accuracy(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
-                 test_labels: np.ndarray, ks, temperature: float = 0.1) -> dict[int, float]:
-    """{k: top-1 accuracy in percent}; every k is read off one search for max(ks).
+def knn_predict(train_feats, train_labels, test_feats, ks, temperature: float = 0.1, num_classes: int | None = None,
+                device=None) -> dict[int, np.ndarray]:
+    """{k: predicted class per test row}; every k is read off one search for max(ks).
 
     The neighbours come back sorted by similarity, so the first k columns of the max(ks) search are
     exactly the k nearest: one search serves the whole list. A k larger than the train set uses all of it.
     """
     ks = [int(k) for k in ks]
     train_labels = np.asarray(train_labels, dtype=np.int64)
-    test_labels = np.asarray(test_labels, dtype=np.int64)
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    sims, idx = nearest_neighbours(train_feats, test_feats, max(ks))
+    num_classes = num_classes or int(train_labels.max()) + 1
+    sims, idx = nearest_neighbours(train_feats, test_feats, max(ks), device=device)
     neighbour_labels = train_labels[idx]
-    out = {}
-    for k in ks:
-        pred = weighted_vote(sims, neighbour_labels, k, temperature, num_classes)
-        out[k] = float(100.0 * np.mean(pred == test_labels))
-    return out
+    return {k: weighted_vote(sims, neighbour_labels, k, temperature, num_classes) for k in ks}
+
+
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, ks, temperature: float = 0.1,
+                 device=None) -> dict[int, float]:
+    """{k: top-1 accuracy in percent} of the weighted kNN vote (see knn_predict)."""
+    test_labels = np.asarray(test_labels, dtype=np.int64)
+    preds = knn_predict(train_feats, train_labels, test_feats, ks, temperature, device=device)
+    return {k: float(100.0 * np.mean(pred == test_labels)) for k, pred in preds.items()}
