@@ -1,13 +1,15 @@
 """SePP-ID pair mining at scale: wall time and peak memory of `mine_pairs` per block size, and extrapolation.
 
     python benchmarks/mining.py [--k 50000] [--dim 128] [--blocks 1024 2048 4096 8192] [--probe-dim 512] \
-        [--out benchmarks/results/mining-cpu.json]
+        [--device cpu|cuda] [--out benchmarks/results/mining-<device>.json]
+    python benchmarks/mining.py --quick     # a small K to check the script runs (writes under /tmp; not a result)
 
 Embeddings: K random unit vectors in D dimensions, a fifth of them planted at a cosine drawn from
 [0.95, 1.0] to a random other point, so pairs fall inside [0.97, 0.99] and near-duplicates above it.
 Each block size runs in its own subprocess (a fresh interpreter, so no allocator state carries over):
 peak memory is the process's peak RSS during `mine_pairs` minus its RSS just before (the kernel's
-high-water mark is reset first where Linux allows, else the getrusage peak delta). Every block size
+high-water mark is reset first where Linux allows, else the getrusage peak delta); on CUDA it is the peak
+of allocated device memory (the block buffer, the normalised copy, the search temporaries). Every block size
 must return the same pairs (checked). The extrapolation (see `extrapolate`) fits time = K^2 (a D + b), using
 one more run at --probe-dim, and memory = c block K + 4 K D.
 Target: K = 50,000, D = 128 in <= 30 s on 2 CPU cores.
@@ -82,17 +84,29 @@ def child(args) -> None:
         torch.set_num_threads(args.threads)
     x = planted_embeddings(args.k, args.dim, args.seed)
     torch.mm(torch.ones(64, 64), torch.ones(64, 64))  # load BLAS and start its threads before the baseline
+    cuda = args.device == "cuda"
+    if cuda:  # warm the context and cuBLAS up, so neither is timed
+        torch.mm(torch.ones(64, 64, device="cuda"), torch.ones(64, 64, device="cuda"))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     before = _rss_kb()
     reset = _reset_hwm()
     ru_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
-    a, p, s = mine_pairs(x, args.lo, args.hi, block=args.block)
+    a, p, s = mine_pairs(x, args.lo, args.hi, block=args.block, device=args.device)
+    if cuda:
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t
     peak = _hwm_kb() if reset else None
     delta_kb = (peak - before) if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - ru_before
+    if cuda:
+        delta_kb = torch.cuda.max_memory_allocated() / 1024
     digest = hashlib.sha256(a.tobytes() + p.tobytes() + s.tobytes()).hexdigest()[:16]
     print(json.dumps({"block": args.block, "wall_s": round(wall, 3), "peak_mem_mb": round(delta_kb / 1024, 1),
-                      "peak_method": "VmHWM reset" if peak is not None else "ru_maxrss delta",
+                      "peak_method": ("cuda max_memory_allocated" if cuda else
+                                      "VmHWM reset" if peak is not None else "ru_maxrss delta"),
+                      "device": args.device,
+                      "host_peak_mem_mb": round(((peak - before) if peak is not None else 0) / 1024, 1),
                       "pairs": int(len(a)), "anchors_covered": int(len(np.unique(a))), "digest": digest,
                       "threads": torch.get_num_threads()}))
 
@@ -132,9 +146,16 @@ def extrapolate(rows: list[dict], probe: dict | None, K0: int, D0: int, mem_budg
     return out
 
 
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
 def run_child(args, block: int, dim: int) -> dict:
     cmd = [sys.executable, __file__, "--child", "--block", str(block), "--k", str(args.k), "--dim", str(dim),
-           "--lo", str(args.lo), "--hi", str(args.hi), "--seed", str(args.seed), "--threads", str(args.threads)]
+           "--lo", str(args.lo), "--hi", str(args.hi), "--seed", str(args.seed), "--threads", str(args.threads),
+           "--device", args.device]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         sys.exit(f"block {block}, D {dim}: child failed:\n{res.stderr[-2000:]}")
@@ -156,12 +177,20 @@ def main() -> None:
     ap.add_argument("--probe-dim", type=int, default=512,
                     help="one more run at this D (best block) to split time into matmul and mask parts (0: skip)")
     ap.add_argument("--mem-budget-gb", type=float, default=8.0)
-    ap.add_argument("--out", default="benchmarks/results/mining-cpu.json")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the block matmuls and the candidate search run (the pairs are the same)")
+    ap.add_argument("--quick", action="store_true",
+                    help="K = 4000, two block sizes, no probe, written to /tmp: checks that the script runs")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/mining-<device>.json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--block", type=int, default=4096, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
+    if args.quick:
+        args.k, args.blocks, args.probe_dim = 4000, [512, 2048], 0
+        args.out = args.out or f"/tmp/mining-quick-{args.device}.json"
+    args.out = args.out or f"benchmarks/results/mining-{args.device}.json"
 
     rows = [run_child(args, b, args.dim) for b in args.blocks]
     best = min(rows, key=lambda r: r["wall_s"])["block"]
@@ -172,7 +201,8 @@ def main() -> None:
     result = {
         "benchmark": "SePP-ID pair mining (pipeline.mining.pairs.mine_pairs)",
         "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "K": args.k, "D": args.dim, "lo": args.lo, "hi": args.hi, "seed": args.seed,
+        "K": args.k, "D": args.dim, "lo": args.lo, "hi": args.hi, "seed": args.seed, "device": args.device,
+        "gpu": _gpu_name() if args.device == "cuda" else None,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
                     "niceness": os.nice(0), "load_avg_1m": round(os.getloadavg()[0], 2)},

@@ -105,6 +105,34 @@ def test_matches_brute_force_and_accepts_torch():
     np.testing.assert_array_equal(t[1], p)
 
 
+def test_matmul_precision_is_full_fp32_and_restored():
+    """The block matmul runs at full float32 (no TF32: the candidate slack assumes a 24-bit mantissa),
+    and the caller's precision setting comes back afterwards."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        x, want = hand_built()
+        a, p, _ = mine_pairs(x, LO, HI, device="cpu")
+        assert [(int(i), int(j)) for i, j in zip(a, p)] == [(i, j) for i, j, _ in want]
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cap", [0, 3])
+def test_gpu_mines_exactly_the_cpu_pairs(cap):
+    """Candidates found on the GPU, re-scored on the CPU: identical pairs and similarities to a CPU run,
+    for any block size (planted points put many cosines right at the bounds' neighbourhood)."""
+    for x, lo, hi in ((hand_built()[0], LO, HI), (planted(3000, 64, 5), 0.8, 0.95), (planted(2000, 512, 6), 0.7, 0.9)):
+        ref = mine_pairs(x, lo, hi, block=256, max_per_anchor=cap, device="cpu")
+        assert len(ref[0]) > 0
+        for b in (97, 1024):
+            got = mine_pairs(x, lo, hi, block=b, max_per_anchor=cap, device="cuda")
+            for r, g in zip(ref, got):
+                np.testing.assert_array_equal(r, g)
+
+
 def test_cap_keeps_top_m_with_index_ties():
     x = planted(200, 12, 3)
     a, p, s = mine_pairs(x, 0.55, 0.98)

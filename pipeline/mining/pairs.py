@@ -4,13 +4,19 @@ SePP-ID (Alkhalefi et al., TMLR 2024), §3.1 and Algorithm 1: K embeddings of or
 L2-normalised (line 6); every ordered pair (i, j), i != j, whose cosine similarity lies in [min, max]
 (lines 11-16; paper: [0.97, 0.99]) is a semantic positive pair. An anchor may have several positives;
 the upper bound drops near-identical images. Algorithm 1 forms the whole K x K matrix (line 12); here
-rows are processed in blocks, so memory is O(block * K) and K can grow to ImageNet scale.
+rows are processed in blocks, so memory is O(block * K) and K can grow to ImageNet scale. The block matmuls
+and the candidate search run on the GPU when there is one; candidates are re-scored exactly on the CPU, so the
+pairs are the same on any device.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from pipeline.utils import pick_device
 
 _EMPTY = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
 
@@ -46,6 +52,17 @@ def _exact_sims(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, chunk_elems: 
     return out.float()
 
 
+@contextlib.contextmanager
+def _full_fp32_matmul():
+    """Full float32 matmuls (no TF32 on CUDA): TF32's 10-bit mantissa would break the candidate slack bound."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _top_per_anchor(a: np.ndarray, p: np.ndarray, s: np.ndarray, m: int):
     """Keep each anchor's m most similar positives; equal similarities keep the lower positive index."""
     order = np.lexsort((p, -s, a))  # by anchor, then similarity descending, then positive index
@@ -57,7 +74,7 @@ def _top_per_anchor(a: np.ndarray, p: np.ndarray, s: np.ndarray, m: int):
 
 
 def mine_pairs(emb, lo: float, hi: float, block: int = 4096, max_per_anchor: int = 0,
-               progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               progress: bool = False, device=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All ordered pairs (i, j), i != j, with cos(emb_i, emb_j) in [lo, hi] (SePP-ID Algorithm 1, lines 10-18).
 
     emb: (K, D) numpy array or torch tensor (any norm; rows are L2-normalised here).
@@ -69,6 +86,9 @@ def mine_pairs(emb, lo: float, hi: float, block: int = 4096, max_per_anchor: int
         depend on `block` (candidates from the float32 matmul are re-scored per pair, see _exact_sims).
     max_per_anchor: 0 (the paper) keeps every positive; m > 0 keeps each anchor's m most similar
         positives, ties broken by the lower positive index (deterministic).
+    device: where the block matmuls and the candidate search run (None: `pick_device()`, the GPU when
+        present); the block buffer, the (K, D) normalised copy and the search temporaries live there. The
+        result does not depend on it: candidates are re-scored on the CPU from the same normalised rows.
     Returns (anchor int64, positive int64, similarity float32), sorted by (anchor, positive).
     """
     if not (-1.0 <= lo <= hi <= 1.0):
@@ -77,7 +97,7 @@ def mine_pairs(emb, lo: float, hi: float, block: int = 4096, max_per_anchor: int
         raise ValueError(f"block: expected a positive number of rows, got {block}")
     if int(max_per_anchor) < 0:
         raise ValueError(f"max_per_anchor: expected >= 0 (0 = no cap), got {max_per_anchor}")
-    x = _normalised(emb)
+    x = _normalised(emb)  # on the CPU: the exact re-score reads these rows whatever the device
     K, D = x.shape
     if K < 2:
         return _EMPTY
@@ -86,7 +106,9 @@ def mine_pairs(emb, lo: float, hi: float, block: int = 4096, max_per_anchor: int
     # float32 dot products of unit vectors are off by at most ~D * 2^-24; the slack keeps every pair whose
     # exact similarity reaches lo among the candidates (the exact re-score then decides)
     cand_thr = float(lo32) - (2.0 * D * 2.0 ** -24 + 1e-6)
-    sims_buf = torch.empty(block * K, dtype=torch.float32)  # reused: no fresh block x K allocation per block
+    dev = torch.device(device) if device is not None else pick_device()
+    xd = x.to(dev)
+    sims_buf = torch.empty(block * K, dtype=torch.float32, device=dev)  # reused: no block x K allocation per block
     sub_rows = max(1, (1 << 24) // K)  # rows re-scanned at once: <= 16M elements of temporaries
     parts_a, parts_p, parts_s = [], [], []
     kept = _EMPTY
@@ -94,7 +116,8 @@ def mine_pairs(emb, lo: float, hi: float, block: int = 4096, max_per_anchor: int
         e = min(s + block, K)
         rows, cols = e - s, K - s
         sims = sims_buf[:rows * cols].view(rows, cols)
-        torch.mm(x[s:e], x[s:].T, out=sims)
+        with _full_fp32_matmul():
+            torch.mm(xd[s:e], xd[s:].T, out=sims)
         sims[:, :rows].diagonal().fill_(-2.0)  # self-similarity: never a pair, and would make every row match
         # pairs are sparse: one max pass over the block finds the few rows that hold any candidate, and only
         # those are thresholded and scanned for indices (nonzero over the whole block costs more than the matmul)
@@ -103,8 +126,8 @@ def mine_pairs(emb, lo: float, hi: float, block: int = 4096, max_per_anchor: int
         for h in hot.split(sub_rows):
             r, c = (sims.index_select(0, h) >= cand_thr).nonzero(as_tuple=True)
             found.append((h[r] + s, c + s))
-        gi = torch.cat([f[0] for f in found]) if found else torch.empty(0, dtype=torch.int64)
-        gj = torch.cat([f[1] for f in found]) if found else torch.empty(0, dtype=torch.int64)
+        gi = torch.cat([f[0] for f in found]).cpu() if found else torch.empty(0, dtype=torch.int64)
+        gj = torch.cat([f[1] for f in found]).cpu() if found else torch.empty(0, dtype=torch.int64)
         upper = gj > gi  # each unordered pair once (the block's lower triangle repeats pairs mirrored)
         gi, gj = gi[upper], gj[upper]
         sim = _exact_sims(x, gi, gj)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from pipeline.data.eval_view import DEFAULT_CROP_RATIO
 from pipeline.data.shards import index_of_key, read_manifest, write_pair_shards
 from pipeline.eval.features import extract_features
 from pipeline.mining.io import write_pairs
@@ -89,8 +90,11 @@ def embed_chosen(p: dict, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
     if state["image_size"] != ds["image_size"]:
         raise DataError(f"{enc_path}: trained at image_size {state['image_size']}, params say dataset.image_size "
                         f"{ds['image_size']}; rerun its pretrain stage (dvc repro)")
+    ev = p["evaluate"]  # the eval view and its loader workers, as the features stage uses them
     feats, labels, keys = extract_features(encoder, shard_dir, "train", ds["image_size"], ds["mean"], ds["std"],
-                                           m["batch_size"], pick_device(), limit=len(pool), positions=positions, bf16=False)
+                                           m["batch_size"], pick_device(), limit=len(pool), positions=positions, bf16=False,
+                                           num_workers=ev.get("num_workers", 0),
+                                           crop_ratio=ev.get("crop_ratio", DEFAULT_CROP_RATIO))
     if len(keys) != len(positions):
         raise DataError(f"{shard_dir}/train: {len(keys)} of the {len(positions)} chosen images read; rerun: dvc repro -f shard")
     return feats, labels, np.asarray([index_of_key(k) for k in keys], np.int64), pool
@@ -124,7 +128,7 @@ def mine(p: dict, root: str | Path = ".") -> dict:
 
     t0 = time.perf_counter()  # Algorithm 1, lines 10-21, blockwise
     a, q, sim = mine_pairs(feats, m["min_sim"], m["max_sim"], block=m["block"], max_per_anchor=m["max_per_anchor"],
-                           progress=True)
+                           progress=True, device=pick_device())
     t_mine = time.perf_counter() - t0
     edges = np.linspace(m["min_sim"], m["max_sim"], HIST_BINS + 1) if m["max_sim"] > m["min_sim"] else 1
     semantic = pair_metrics(a, q, labels, K=len(K_idx), sims=sim, bins=edges)
