@@ -1,11 +1,17 @@
 """pretrain stage: `python stages/pretrain.py <run>` (or under torchrun) -> data/models/<run>/encoder.pt."""
+from pathlib import Path
+
 from pipeline.cli import main, params_and_run
+from pipeline.params import run_spec
+from pipeline.train.checkpoint import RunPaths
 from pipeline.train.trainer import train
 
 
 def run(argv):
     p, name = params_and_run(argv, "pretrain")
-    s = train(p, name)
+    # the stage chooses where its inputs and outputs live; checkpoints stay outside its DVC outputs
+    paths = RunPaths.for_run(Path("."), p["dataset"]["name"], name, run_spec(p, name).get("pairs"))
+    s = train(p, name, paths=paths)
     print(f"pretrain {name}: {s.get('steps', 0)} steps, {s.get('wall_time_s', 0):.0f} s, {s.get('views_per_s', 0):.0f} views/s")
 
 

@@ -29,12 +29,16 @@ def params(monitor=(0, 0), epochs=2):
 
 
 def hand_knn200(encoder: nn.Module, shard_dir, n_bank: int, n_test: int, mean=MEAN, std=STD) -> float:
-    """Weighted kNN written out per query: weight exp(cos / 0.1) for each of the (up to 200) nearest bank images."""
+    """Weighted kNN written out per query: weight exp(cos / 0.1) for each of the (up to 200) nearest bank images
+    (the bank: the first `n_bank` train images; the queries: `n_test` test images evenly spaced)."""
     tf = eval_transform(32, mean, std)
 
     def encode(split, n):
         total = len(read_manifest(shard_dir, split))
-        keep = [round(i * (total - 1) / (n - 1)) for i in range(n)]  # evenly spaced, ends included
+        if split == "train":  # the bank: the first n of the (seeded random order) train shards
+            keep = list(range(min(n, total)))
+        else:  # the queries: evenly spaced, ends included
+            keep = [round(i * (total - 1) / (n - 1)) for i in range(n)]
         rows = [r for i, r in enumerate(iter_split(shard_dir, split)) if i in keep]
         with torch.no_grad():
             f = encoder(torch.stack([tf(img) for _, _, img in rows])).double()
@@ -117,3 +121,21 @@ def test_report_has_convergence_table_for_monitored_runs(tmp_path):
     write_metrics(tmp_path)  # no run monitored: no table, no figure
     report = rb.build_report(tmp_path, RUNS, "cifar10", "t")
     assert not any(t.title.startswith("Convergence") for t in report.tables) and "convergence.png" not in report.figures
+
+
+def test_monitor_reads_only_its_own_train_images(tmp_path, shard_dir):
+    # the bank is a prefix of the train shards: with the later train shards gone it measures the same
+    import shutil
+
+    from pipeline.data.shards import shard_paths
+
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    want = KnnMonitor(shard_dir, 5, 6, 32, MEAN, STD, "cpu")(encoder)  # 5 samples per shard: the first shard
+    pruned = tmp_path / "pruned"
+    shutil.copytree(shard_dir, pruned)
+    later = shard_paths(pruned, "train")[1:]
+    assert later
+    for path in later:
+        path.write_bytes(b"")  # unreadable: any read of them would fail
+    assert KnnMonitor(pruned, 5, 6, 32, MEAN, STD, "cpu")(encoder) == want

@@ -8,12 +8,23 @@ from torch import nn
 
 from pipeline.models.backbones import build_backbone
 from pipeline.models.heads import mlp
-from pipeline.params import DataError
+from pipeline.errors import DataError
 from pipeline.utils import atomic_torch_save
+
+
+# what a run measures about its machine: belongs in the metrics JSON, never in a DVC output (a retrain would
+# change the encoder's hash and rerun everything downstream)
+VOLATILE_META = ("wall_time_s", "views_per_s", "peak_mem_mib", "device", "host", "hostname", "path")
 
 
 def save_encoder(path: str | Path, backbone: nn.Module, backbone_cfg: dict, image_size: int, meta: dict,
                  heads: dict[str, nn.Module] | None = None) -> None:
+    """Write the encoder artifact; a bit-identical training run gives a byte-identical file.
+
+    `meta` holds settings only (run, method, steps, ...): timings, host names or absolute paths are refused."""
+    volatile = [k for k in meta if k in VOLATILE_META or (isinstance(meta[k], str) and meta[k].startswith("/"))]
+    if volatile:
+        raise ValueError(f"save_encoder: meta must not hold machine-dependent values: {', '.join(volatile)}")
     state = {"backbone_cfg": backbone_cfg, "image_size": image_size, "meta": meta,
              "backbone": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
              "heads": {n: {k: v.detach().cpu() for k, v in h.state_dict().items()} for n, h in (heads or {}).items()}}

@@ -1,12 +1,16 @@
 """Per-epoch kNN monitor: how fast a method learns, read off the encoder it would export at each epoch.
 
-Convergence claims (GSSSL: "fast convergence") need accuracy per epoch, not only at the end. After each
-epoch (and once before training) the exported encoder is frozen, `train_images` un-augmented training
-images form the kNN bank and `test_images` test images are classified by weighted kNN (k = 200,
-τ = 0.1: the evaluate stage's defaults). Both are evenly spaced over their split in shard order: the test
-split keeps the source's order, often sorted by class, where a prefix would hold only the first classes.
-No random numbers are drawn, so a run trains bit-identically with the monitor on or off; the main rank
-computes it while the others wait.
+Convergence claims (GSSSL: "fast convergence") need accuracy per epoch, not only at the end. After every
+`train.knn_monitor_every` epochs (always after the last, and once before training) the exported encoder is
+frozen, `train_images` un-augmented training images form the kNN bank and `test_images` test images are
+classified by weighted kNN (k = 200, τ = 0.1: the evaluate stage's defaults).
+
+The monitor reads only its own images. The bank is the first `train_images` of the train shards, which
+are written in a seeded random order (a prefix is a uniform random subset), so only the first shards are
+read, not the whole train split. The test images are evenly spaced over their split in shard order: the
+test split keeps the source's order, often sorted by class, where a prefix would hold only the first
+classes; the others are not decoded. No random numbers are drawn, so a run trains bit-identically with the
+monitor on or off; the main rank computes it while the others wait.
 """
 from __future__ import annotations
 
@@ -39,9 +43,13 @@ class KnnMonitor:
         return self.train_images > 0 and self.test_images > 0
 
     def _features(self, encoder: nn.Module, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-        positions = spread(len(read_manifest(self.shard_dir, split)), n)
+        """The bank: a prefix of the (randomly ordered) train shards; the queries: spread over the test split."""
+        if split == "train":
+            where = {"limit": n}
+        else:
+            where = {"positions": spread(len(read_manifest(self.shard_dir, split)), n)}
         feats, labels, _ = extract_features(encoder, self.shard_dir, split, self.image_size, self.mean, self.std,
-                                            self.batch_size, self.device, positions=positions)
+                                            self.batch_size, self.device, **where)
         return feats, labels
 
     def __call__(self, encoder: nn.Module) -> float:
