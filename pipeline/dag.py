@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "pipeline"
 
 # keys that change how fast a stage runs, never what it computes: no stage depends on them
-RUNTIME = {"train": ("num_workers", "checkpoint_every"), "evaluate": ("num_workers",), "shard": ("workers",)}
+RUNTIME = {"train": ("num_workers", "checkpoint_every", "sync_every"), "evaluate": ("num_workers",), "shard": ("workers",)}
 # modules a pretrain stage loads by name when its configuration asks for them (importlib, not `import`)
 MONITOR = "pipeline.train.monitor"
 
@@ -107,6 +107,11 @@ def _keys(p: dict, section: str, drop: tuple[str, ...] = ()) -> list[str]:
     return [f"{section}.{k}" for k in p[section] if k not in skip]
 
 
+def _eval_view(p: dict) -> list[str]:
+    """The eval view's own key (resize + centre-crop ratio) where params set it; its default otherwise."""
+    return ["evaluate.crop_ratio"] if "crop_ratio" in p["evaluate"] else []
+
+
 def _monitored(p: dict, name: str) -> bool:
     _, _, train, _ = P.method_config(p, name)
     return bool(train.get("knn_monitor") and train["knn_monitor"][0] > 0)
@@ -137,7 +142,8 @@ def _features(p: dict, name: str) -> dict:
     return {
         "cmd": f"python -m stages.features {name}",
         "deps": code_deps("stages/features.py") + [paths.shards(ds).as_posix(), paths.encoder(name).as_posix()],
-        "params": ["dataset.name", "dataset.image_size", "dataset.mean", "dataset.std", "evaluate.train_subset"],
+        "params": ["dataset.name", "dataset.image_size", "dataset.mean", "dataset.std", "evaluate.train_subset",
+                   *_eval_view(p)],
         "outs": [paths.features(name).as_posix()],
     }
 
@@ -147,7 +153,7 @@ def _evaluate(p: dict, name: str, inst: dict) -> dict:
         "cmd": f"python -m stages.evaluate {name}",
         "deps": code_deps("stages/evaluate.py") + [paths.features(name).as_posix()],
         "params": ["seed", f"{inst['section']}.{inst['run']}.method", f"{inst['section']}.{inst['run']}.backbone",
-                   *_keys(p, "evaluate", drop=("batch_size",))],
+                   *_keys(p, "evaluate", drop=("batch_size", "crop_ratio"))],
         "metrics": [{paths.evaluate_metrics(name).as_posix(): {"cache": False}}],
         "outs": [{paths.predictions(name).as_posix(): {"cache": False}}],
     }
@@ -168,7 +174,7 @@ def stages(p: dict) -> dict:
             "deps": code_deps("stages/mine.py") + [paths.shards(ds).as_posix(),
                                                    paths.encoder(p["mine"]["encoder_run"]).as_posix()],
             "params": [*_keys(p, "mine"), "dataset.name", "dataset.image_size", "dataset.mean", "dataset.std",
-                       "train.train_subset", "shard.samples_per_shard"],
+                       "train.train_subset", "shard.samples_per_shard", *_eval_view(p)],
             "outs": [paths.pairs(ds).as_posix()],
             "metrics": [{paths.mine_metrics().as_posix(): {"cache": False}}],
         },

@@ -196,6 +196,12 @@ def run_spec(p: dict, run: str) -> dict:
     raise ParamError(f"runs.{run}: no such run under runs or pair_runs (have: {', '.join(have)})")
 
 
+def base_run(p: dict, name: str) -> str:
+    """The run an instance trains (`simclr` for `simclr-s1`); a run's own name otherwise."""
+    inst = instances(p).get(name)
+    return inst["run"] if inst else name
+
+
 def for_instance(p: dict, name: str) -> dict:
     """The params one instance trains and evaluates with: its run's, under the instance's seed."""
     inst = instances(p).get(name)

@@ -1,4 +1,4 @@
-"""evaluate stage: `python stages/evaluate.py <run>` -> the run's evaluate metrics (JSON) and test predictions (parquet).
+"""evaluate stage: `python -m stages.evaluate <run>` -> the run's evaluate metrics (JSON) and test predictions (parquet).
 
 Reads the cached (memory-mapped) features of the run (features stage) and runs kNN, linear and
 semi-supervised protocols on the training device. The predictions file has one row per test image:
@@ -38,11 +38,12 @@ def evaluate_run(p: dict, name: str, feat_dir: Path, metrics_path: Path, predict
     train, test = load_features(feat_dir, "train"), load_features(feat_dir, "test")
     if train[0].shape[1] != test[0].shape[1]:
         raise params.DataError(f"{feat_dir}: train and test features differ in width "
-                               f"({train[0].shape[1]} vs {test[0].shape[1]}); rerun: dvc repro -f features@{name}")
+                               f"({train[0].shape[1]} vs {test[0].shape[1]}); rerun: dvc repro -f features.{name}")
     spec = params.run_spec(p, name)
     metrics, preds = evaluate_features(train, test, p["evaluate"], seed=p["seed"], return_predictions=True)
     write_predictions(predictions_path, test[1], preds)
-    atomic_write_json({"run": name, "method": spec["method"], "backbone": spec["backbone"], "seed": p["seed"],
+    atomic_write_json({"run": name, "method": spec["method"], "backbone": spec["backbone"],
+                       "base_run": params.base_run(p, name), "seed": p["seed"],
                        **metrics}, metrics_path)
     return metrics
 

@@ -1,12 +1,11 @@
-"""mine stage (SePP-ID semantic sampler): `python stages/mine.py` -> data/pairs/<dataset>/, reports/metrics/mine.json.
+"""mine stage (SePP-ID semantic sampler): `python -m stages.mine` -> data/pairs/<dataset>/, reports/metrics/mine.json.
 
 Encodes K original training images with the encoder of run `mine.encoder_run`, mines the pairs whose cosine
 lies in [mine.min_sim, mine.max_sim], writes them (and the random control) as parquet and as pair shards.
 """
 import sys
-from pathlib import Path
 
-from pipeline import params
+from pipeline import params, paths
 from pipeline.cli import main
 from pipeline.mining.sampler import mine
 from pipeline.utils import atomic_write_json
@@ -14,10 +13,10 @@ from pipeline.utils import atomic_write_json
 
 def run(argv):
     if argv:
-        raise params.ParamError("usage: python stages/mine.py  (settings under mine: in params.yaml)")
-    p = params.load()
+        raise params.ParamError("usage: python -m stages.mine  (settings under mine: in params.yaml)")
+    p = params.load(methods=())   # no method code: the encoder artifact is self-contained
     metrics = mine(p)
-    atomic_write_json(metrics, Path("reports/metrics/mine.json"))
+    atomic_write_json(metrics, paths.mine_metrics())
     s = metrics["semantic"]
     acc = "n/a" if s["pair_accuracy"] is None else f"{100 * s['pair_accuracy']:.1f}%"
     print(f"mine: {s['pairs']} pairs over {s['anchors_covered']} of {metrics['K']} anchors "

@@ -1,4 +1,4 @@
-"""report stage: `python stages/report.py` -> reports/report.md, reports/report.html, reports/figures/*.png.
+"""report stage: `python -m stages.report` -> reports/report.md, reports/report.html, reports/figures/*.png.
 
 Reads only the metrics files of the runs and pair runs in params.yaml (plus the mine stage's metrics and
 the papers' reference numbers); a missing
@@ -11,10 +11,11 @@ from pipeline.report.build import build
 
 
 def run() -> None:
-    p = params.load("params.yaml")
+    p = params.load("params.yaml", methods=())
     paths = build(".", p["runs"], p["dataset"]["name"], p["report"]["title"], pair_runs=p["pair_runs"],
-                  beside=p["report"].get("beside"))
-    print(f"report: {len(p['runs']) + len(p['pair_runs'])} runs -> {', '.join(str(x) for x in paths)}")
+                  beside=p["report"].get("beside"), seeds=p.get("seeds"), default_seed=p["seed"])
+    n_inst = len(params.instances(p))
+    print(f"report: {len(p['runs']) + len(p['pair_runs'])} runs ({n_inst} seeded instances) -> {', '.join(str(x) for x in paths)}")
 
 
 if __name__ == "__main__":

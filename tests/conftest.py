@@ -51,3 +51,23 @@ def tiny_params(**over) -> dict:
             node = node[k]
         node[last] = val
     return validate(raw)
+
+
+def _checkout_outputs() -> dict[str, int]:
+    """Every file under the checkout's reports/ and data/ with its mtime (ns)."""
+    out = {}
+    for top in ("reports", "data"):
+        for f in (ROOT / top).rglob("*"):
+            if f.is_file():
+                out[f.relative_to(ROOT).as_posix()] = f.stat().st_mtime_ns
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_outputs_untouched():
+    """Tests work in temporary directories: none may write into the checkout's reports/ or data/."""
+    before = _checkout_outputs()
+    yield
+    after = _checkout_outputs()
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"tests wrote into the checkout: {changed[:10]}"

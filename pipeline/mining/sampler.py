@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from pipeline import paths
 from pipeline.data.eval_view import DEFAULT_CROP_RATIO
 from pipeline.data.shards import index_of_key, read_manifest, write_pair_shards
 from pipeline.eval.features import extract_features
@@ -81,11 +82,11 @@ def embed_chosen(p: dict, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
     """Algorithm 1, lines 3-8: the K chosen images encoded un-augmented (float32 throughout).
     Returns (embeddings (K, D), labels (K,), dataset indices (K,), the training pool's manifest rows)."""
     m, ds = p["mine"], p["dataset"]
-    shard_dir = root / "data/shards" / ds["name"]
+    shard_dir = root / paths.shards(ds["name"])
     manifest = read_manifest(shard_dir, "train")
     pool = manifest.iloc[:pool_size(len(manifest), p["train"]["train_subset"])]
     positions = choose_images(len(pool), m["k_frac"], m["seed"])
-    enc_path = root / "data/models" / m["encoder_run"] / "encoder.pt"
+    enc_path = root / paths.encoder(m["encoder_run"])
     encoder, state = mining_encoder(enc_path, m["layer"])
     if state["image_size"] != ds["image_size"]:
         raise DataError(f"{enc_path}: trained at image_size {state['image_size']}, params say dataset.image_size "
@@ -121,7 +122,7 @@ def mine(p: dict, root: str | Path = ".") -> dict:
     """Run the mine stage for params `p` under `root`; returns the metrics (the stage script writes them)."""
     root = Path(root)
     m, ds = p["mine"], p["dataset"]
-    shard_dir = root / "data/shards" / ds["name"]
+    shard_dir = root / paths.shards(ds["name"])
     t0 = time.perf_counter()
     feats, labels, K_idx, pool = embed_chosen(p, root)
     t_encode = time.perf_counter() - t0
@@ -134,7 +135,7 @@ def mine(p: dict, root: str | Path = ".") -> dict:
     semantic = pair_metrics(a, q, labels, K=len(K_idx), sims=sim, bins=edges)
     ra, rp, rsim, control = random_control(m, len(a), feats, K_idx, pool)
 
-    out = root / "data/pairs" / ds["name"]
+    out = root / paths.pairs(ds["name"])
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

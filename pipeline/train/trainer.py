@@ -10,6 +10,7 @@ end and checkpoint), so a GPU is never drained by `.item()` calls.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import resource
 import time
@@ -24,10 +25,9 @@ from pipeline.data.shards import read_meta, read_pair_meta
 from pipeline.methods import registry
 from pipeline.models.backbones import build_backbone
 from pipeline.errors import ParamError, PipelineError
-from pipeline.params import method_config, run_spec
+from pipeline.params import base_run, method_config, run_spec
 from pipeline.train import dist
 from pipeline.train.checkpoint import Checkpointer, Progress, RunPaths, fingerprint, seed_everything
-from pipeline.train.monitor import monitor_from_config
 from pipeline.train.optim import build_optimizer, cosine_ramp, lr_at, peak_lr, set_lr, set_weight_decay
 from pipeline.utils import atomic_write_json, atomic_write_text, pick_device
 
@@ -154,6 +154,15 @@ def _wrap_for_device(method: nn.Module, train_cfg: dict, device: torch.device) -
     return model, model.module
 
 
+def _monitor(train_cfg: dict, paths: RunPaths, image_size: int, dataset: dict, device):
+    """The kNN monitor when the run asks for one. Loaded by name (like a method), so the evaluation code it
+    runs is a dependency of monitored runs only (`pipeline.dag.MONITOR`)."""
+    if not (train_cfg.get("knn_monitor") and train_cfg["knn_monitor"][0] > 0):
+        return None
+    monitor = importlib.import_module("pipeline.train.monitor")
+    return monitor.monitor_from_config(train_cfg, paths.shards, image_size, dataset["mean"], dataset["std"], device)
+
+
 def _epoch_row(progress: Progress, opt) -> dict:
     """The curve's row of the epoch just finished: every term of the method's output averaged over its steps."""
     n = max(progress.step_in_epoch, 1)
@@ -188,7 +197,7 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
         raise PipelineError(f"{paths.shards}: no shards (run the shard stage first: dvc repro shard)")
     meta = read_meta(paths.shards)
     trains = getattr(method, "TRAINS", True) and train_cfg["epochs"] > 0
-    summary = {"run": run, "method": spec["method"], "backbone": spec["backbone"],
+    summary = {"run": run, "base_run": base_run(p, run), "seed": p["seed"], "method": spec["method"], "backbone": spec["backbone"],
                "device": device.type, "world_size": world, "epochs": train_cfg["epochs"] if trains else 0}
     pairs_meta = None
     if paths.pairs is not None:  # SePP-ID: the originals plus a pair set of the mine stage
@@ -221,7 +230,7 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
     progress = checkpoints.restore(method, opt, scaler)
     guard = FiniteGuard(run)
 
-    monitor = monitor_from_config(train_cfg, paths.shards, image_size, p["dataset"]["mean"], p["dataset"]["std"], device)
+    monitor = _monitor(train_cfg, paths, image_size, p["dataset"], device)
     monitor_every = train_cfg.get("knn_monitor_every", 1)
 
     def monitor_knn(epochs_done: int) -> float | None:
