@@ -75,28 +75,35 @@ def test_markdown_lists_methods_floor_and_delta(report):
     root, _ = report
     md = (root / "reports/report.md").read_text()
     assert md.startswith("# Test report")
-    header, *rows = _md_rows(md, "Our results")
+    header, *rows = _md_rows(md, "kNN accuracy")
     by_run = {r[0]: dict(zip(header, r)) for r in rows}
     assert set(by_run) == set(RUNS)
     assert by_run["simclr"]["method"] == "simclr" and by_run["mocov2"]["method"] == "mocov2"
-    assert by_run["random-r18"]["method"] == "random"
+    assert by_run["random-r18"]["method"] == "random" and by_run["simclr"]["seeds"] == "1"
     delta = "Δ kNN-200 vs random"
     assert by_run["simclr"][delta] == "+22.50"  # 45.25 - 22.75
     assert by_run["mocov2"][delta] == "+17.75"  # 40.50 - 22.75
     assert by_run["random-r18"][delta] == "(floor)"
-    assert by_run["simclr"]["kNN-10"] == "41.00" and by_run["simclr"]["linear"] == "50.25"
-    assert by_run["simclr"]["semi 1% logreg"] == "30.00 ± 1.50"
-    assert by_run["mocov2"]["semi 10% label_spreading"] == "32.00 ± 0.50"
-    assert by_run["random-r18"]["pretrain time (s)"] == "—"
-    assert by_run["mocov2"]["pretrain time (s)"] == "25.0" and by_run["mocov2"]["views/s"] == "1001"
+    assert by_run["simclr"]["kNN-10"] == "41.00"  # no predictions: the mean, no interval
+    assert "No per-image predictions for simclr, mocov2, random-r18" in md
+    header, *rows = _md_rows(md, "Linear probe and semi-supervised")
+    probe = {r[0]: dict(zip(header, r)) for r in rows}
+    assert probe["simclr"]["linear"] == "50.25"
+    assert probe["simclr"]["semi 1% logreg"] == "30.00 ± 1.50"
+    assert probe["mocov2"]["semi 10% label_spreading"] == "32.00 ± 0.50"
+    header, *rows = _md_rows(md, "Pretraining cost")
+    cost = {r[0]: dict(zip(header, r)) for r in rows}
+    assert cost["random-r18"]["pretrain time (s)"] == "—"
+    assert cost["mocov2"]["pretrain time (s)"] == "25.0" and cost["mocov2"]["views/s"] == "1001"
     assert "![" in md and "(figures/loss.png)" in md and "(figures/accuracy.png)" in md
 
 
 def test_references_table_is_labelled_and_separate(report):
     root, _ = report
     md = (root / "reports/report.md").read_text()
-    assert md.index("## Our results") < md.index("## Papers' reference numbers")
-    header, *rows = _md_rows(md, "Papers' reference numbers")
+    # an appendix after the figures
+    assert md.index("## kNN accuracy") < md.index("## Figures") < md.index("## Appendix: Papers' reference numbers")
+    header, *rows = _md_rows(md, "Appendix: Papers' reference numbers")
     for col in ("method", "dataset", "backbone", "epochs", "protocol", "top-1 (%)", "source"):
         assert col in header
     assert rows, "simclr and mocov2 have CIFAR-10 reference numbers in the papers"
@@ -108,7 +115,7 @@ def test_references_table_is_labelled_and_separate(report):
     assert any(r["method"] == "simclr" and r["epochs"] == "1000" and r["top-1 (%)"] == "91.00" and "gsssl" in r["source"]
                for r in refs)
     # none of the papers' numbers leaks into our table
-    ours = md.split("## Our results", 1)[1].split("## Papers' reference numbers", 1)[0]
+    ours = md.split("## kNN accuracy", 1)[1].split("## Figures", 1)[0]
     assert "Table" not in ours and ".txt" not in ours
 
 
@@ -117,7 +124,7 @@ def test_html_embeds_images_and_tables(report):
     page = (root / "reports/report.html").read_text()
     assert page.startswith("<!DOCTYPE html>")
     imgs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(imgs) == 2 and all(base64.b64decode(b).startswith(b"\x89PNG") for b in imgs)
+    assert len(imgs) == 3 and all(base64.b64decode(b).startswith(b"\x89PNG") for b in imgs)  # accuracy, cost, loss
     assert "Papers&#x27; reference numbers" in page and "<table>" in page
     assert "figures/" not in page  # standalone: no links to files beside it
 
@@ -159,7 +166,7 @@ def test_no_floor_for_backbone(tmp_path):
     write_metrics(tmp_path, runs)
     rep = rb.build_report(tmp_path, runs, "cifar10", "t")
     ours = rep.tables[0]
-    assert ours.rows[0][-1].startswith("—")
+    assert ours.title == "kNN accuracy" and ours.rows[0][-1].startswith("—")
 
 
 def test_references_yaml_parses_with_required_fields():
@@ -203,18 +210,81 @@ def test_beside_places_a_method_after_its_base_with_differences(tmp_path):
         rep = rb.build_report(tmp_path, runs, "cifar10", "t", beside={"leoclr": "mocov2"})
     finally:
         del KNN["leoclr"]
-    ours = _md_rows(rep.markdown, "Our results")
+    ours = _md_rows(rep.markdown, "kNN accuracy")
     assert [r[0] for r in ours[1:]] == ["simclr", "mocov2", "leoclr", "random-r18"]
     side = _md_rows(rep.markdown, "Methods beside their base")
     head, row = side[0], side[1]
-    assert row[:2] == ["leoclr", "mocov2"]
-    assert row[head.index("kNN-200")] == "43.00 (+2.50)"      # 43.0 - 40.5
-    assert row[head.index("linear")] == "48.00 (+2.50)"
-    assert row[head.index("semi 1% logreg")] == "30.00 (-2.00)"  # semi means 30 + i: leoclr i = 0, mocov2 i = 2
+    assert row[:3] == ["leoclr", "mocov2", "1 / 1"]
+    assert row[head.index("Δ kNN-200")] == "+2.50 (no per-image predictions)"      # 43.0 - 40.5
+    assert row[head.index("Δ linear")] == "+2.50 (no per-image predictions)"
+    assert row[head.index("Δ semi 1% logreg")] == "-2.00 (no per-image predictions)"  # semi means 30 + i: leoclr 0, mocov2 2
     assert row[head.index("views/s vs base")] == f"{1000.0 / 1002.0:.2f}x"
+    claims = _md_rows(rep.markdown, "Papers' claims")
+    leo = next(dict(zip(claims[0], r)) for r in claims[1:] if r[0].startswith("leoclr"))
+    assert "5.1% on ImageNet-1K" in leo["claim (quoted)"] and leo["our run vs base"].startswith("leoclr vs mocov2")
+    assert leo["verdict"] == "not tested (no per-image predictions)"
 
 
 def test_beside_names_must_be_runs():
     from tests.conftest import tiny_params
     with pytest.raises(PipelineError, match=r"report\.beside\.leoclr: 'nope' is not a run"):
         tiny_params(**{"report.beside": {"leoclr": "nope"}})
+
+
+def _write_seeded(root: Path, acc: dict[str, float], n: int = 400) -> dict[str, list[int]]:
+    """Three seeds of leoclr, mocov2 (and one of the others) with per-image predictions: a run is right on the
+    images whose difficulty lies below its accuracy, so leoclr beats mocov2 on the same images."""
+    import numpy as np
+    import pandas as pd
+    runs = {"leoclr": {"method": "leoclr", "backbone": "r18"}, **RUNS}
+    KNN["leoclr"] = (40.0, 41.5, 43.0)
+    try:
+        write_metrics(root, runs)
+    finally:
+        del KNN["leoclr"]
+    seeds = {"leoclr": [0, 1, 2], "mocov2": [0, 1, 2]}
+    labels = np.arange(n) % 10
+    difficulty = (np.arange(n) + 0.5) / n
+    for run in runs:
+        for seed in seeds.get(run, [0]):
+            inst = run if seed == 0 else f"{run}-s{seed}"
+            for sub in ("pretrain", "evaluate"):
+                src = root / "reports/metrics" / sub / f"{run}.json"
+                obj = {**json.loads(src.read_text()), "run": inst, "base_run": run, "seed": seed}
+                if sub == "evaluate" and run == "mocov2":
+                    obj["linear"]["converged"] = False
+                (root / "reports/metrics" / sub / f"{inst}.json").write_text(json.dumps(obj))
+            curve = root / "reports/plots/pretrain" / f"{run}.csv"
+            if seed:
+                (root / "reports/plots/pretrain" / f"{inst}.csv").write_text(curve.read_text())
+            right = difficulty < acc[run] / 100 + 0.01 * (seed - 1)
+            pred = np.where(right, labels, (labels + 1) % 10)
+            cols = {"index": np.arange(n), "label": labels, "knn_10": pred, "knn_20": pred, "knn_200": pred, "linear": pred}
+            cols.update({f"semi_{p}pct_{lr}_s{d}": pred for p in (1, 10) for lr in ("logreg", "label_spreading") for d in (0, 1)})
+            (root / "reports/predictions").mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(cols).to_parquet(root / "reports/predictions" / f"{inst}.parquet")
+    return seeds
+
+
+def test_seeds_and_predictions_give_intervals_verdicts_and_flags(tmp_path):
+    seeds = _write_seeded(tmp_path, {"leoclr": 60.0, "mocov2": 50.0, "simclr": 55.0, "random-r18": 20.0})
+    runs = {"leoclr": {"method": "leoclr", "backbone": "r18"}, **RUNS}
+    rep = rb.build_report(tmp_path, runs, "cifar10", "t", beside={"leoclr": "mocov2"}, seeds=seeds, n_boot=300)
+    knn = {r[0]: dict(zip(_md_rows(rep.markdown, "kNN accuracy")[0], r)) for r in _md_rows(rep.markdown, "kNN accuracy")[1:]}
+    # leoclr right on the first 236, 240, 244 of 400 images: mean 60.00 over its 3 seeds
+    cell = knn["leoclr"]["kNN-200"]
+    mean, lo, hi = map(float, re.fullmatch(r"([\d.]+) \[([\d.]+), ([\d.]+)\]", cell).groups())
+    assert mean == 60.0 and lo < 60 < hi and knn["leoclr"]["seeds"] == "3"
+    side = _md_rows(rep.markdown, "Methods beside their base")
+    row = dict(zip(side[0], side[1]))
+    assert row["seeds"] == "3 / 3"
+    # leoclr is right on every image mocov2 gets right, and on 40 more: +10 points, clearly better
+    assert row["Δ kNN-200"].startswith("+10.00 [") and row["Δ kNN-200"].endswith("better")
+    assert row["Δ linear"].endswith("better †")  # mocov2's linear probe did not converge
+    claims = _md_rows(rep.markdown, "Papers' claims")
+    leo = next(dict(zip(claims[0], r)) for r in claims[1:] if r[0].startswith("leoclr"))
+    assert leo["verdict"] == "better" and leo["our difference [95 % interval]"].startswith("+10.00 [")
+    flags = _md_rows(rep.markdown, "Fits that did not converge")
+    assert [r[:2] for r in flags[1:]] == [["mocov2", "0"], ["mocov2", "1"], ["mocov2", "2"]]
+    assert "No per-image predictions" not in rep.markdown
+    assert set(rep.figures) >= {"accuracy.png", "cost.png"}
