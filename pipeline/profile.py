@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.params import ParamError, deep_merge, validate
+from pipeline.params import ParamError, deep_merge, load, validate
 from pipeline.utils import atomic_write_text
 
 PROFILES = Path(__file__).resolve().parent.parent / "profiles"
@@ -47,13 +47,20 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name", help="profile name: " + ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml"))))
     ap.add_argument("--out", default="params.yaml")
+    ap.add_argument("--dvc-yaml", default=None,
+                    help="where to write the DAG generated from it (default: dvc.yaml beside params.yaml; 'none' skips)")
     a = ap.parse_args(argv)
+    dvc_yaml = a.dvc_yaml or (str(Path(a.out).with_name("dvc.yaml")) if Path(a.out).name == "params.yaml" else "none")
     try:
         atomic_write_text(render(a.name), a.out)
+        if dvc_yaml != "none":   # the DAG follows the params: its stages are the profile's runs and seeds
+            from pipeline import dag
+
+            atomic_write_text(dag.render(load(a.out)), dvc_yaml)
     except ParamError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"{a.out}: profile {a.name}")
+    print(f"{a.out}: profile {a.name}" + ("" if dvc_yaml == "none" else f"; {dvc_yaml}: its DAG"))
 
 
 if __name__ == "__main__":
