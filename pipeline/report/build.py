@@ -31,6 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from pipeline import paths
 from pipeline.params import DataError, instance_name
 from pipeline.report import stats
 from pipeline.utils import atomic_write_bytes, atomic_write_text
@@ -43,8 +44,6 @@ SEED_PAPERS = (
 REF_REQUIRED = ("method", "dataset", "backbone", "epochs", "protocol", "top1", "source")
 FLOOR_METHOD = "random"
 SEPPID_METHOD = "seppid"  # the name of SePP-ID's rows in references.yaml
-MINE_METRICS = "reports/metrics/mine.json"
-PREDICTIONS = "reports/predictions"
 # per-epoch CSV columns that are bookkeeping, not loss terms
 CURVE_META = ("epoch", "step", "loss", "lr", "views_per_s", "epoch_time_s", "knn_top1")
 DASH = "—"
@@ -114,9 +113,9 @@ def load_run(root: str | Path, run: str, method: str, backbone: str, pairs: str 
     """One instance's metrics files under `root` (`instance`: the run's name under this training seed, default
     the run itself); a missing or unreadable file raises DataError naming it. Predictions are optional."""
     root, instance = Path(root), instance or run
-    pre_path = root / "reports/metrics/pretrain" / f"{instance}.json"
-    ev_path = root / "reports/metrics/evaluate" / f"{instance}.json"
-    curve_path = root / "reports/plots/pretrain" / f"{instance}.csv"
+    pre_path = root / paths.pretrain_metrics(instance)
+    ev_path = root / paths.evaluate_metrics(instance)
+    curve_path = root / paths.curve(instance)
     pre = _read_json(pre_path, "pretrain")
     ev = _read_json(ev_path, "evaluate")
     section = "pair_runs" if pairs else "runs"
@@ -137,7 +136,7 @@ def load_run(root: str | Path, run: str, method: str, backbone: str, pairs: str 
             raise DataError(f"{curve_path}: not a readable CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         if not {"epoch", "loss"} <= set(curve.columns):
             raise DataError(f"{curve_path}: expected columns epoch and loss, got {', '.join(map(str, curve.columns))}")
-    preds = load_predictions(root / PREDICTIONS / f"{instance}.parquet")
+    preds = load_predictions(root / paths.predictions(instance))
     return RunMetrics(run, method, backbone, pre, ev, curve, pairs, seed, preds)
 
 
@@ -211,7 +210,7 @@ def base_run(metrics: list[RunMetrics], pair_run: RunMetrics) -> RunMetrics | No
 
 def load_mine(root: str | Path) -> dict:
     """reports/metrics/mine.json (the mine stage's metrics)."""
-    path = Path(root) / MINE_METRICS
+    path = Path(root) / paths.mine_metrics()
     if not path.exists():
         raise DataError(f"{path}: not found (run the mine stage first: dvc repro mine)")
     return _read_json(path, "mine")
@@ -377,7 +376,7 @@ class Results:
             if self._labels is None:
                 self._labels = labels
             elif len(labels) != len(self._labels) or not np.array_equal(labels, self._labels):
-                raise DataError(f"{PREDICTIONS}/{instance_name(inst.run, inst.seed, m.seed)}.parquet: its test labels differ "
+                raise DataError(f"{paths.predictions(instance_name(inst.run, inst.seed, m.seed))}: its test labels differ "
                                 "from the other runs' (evaluated on another test split: re-run its evaluate stage)")
             rows.append(df[cols].to_numpy().T)
         return stats.correct_matrix(rows, self._labels)
@@ -1046,15 +1045,15 @@ def build_report(root: str | Path, runs: dict[str, dict], dataset: str, title: s
 
 def write_report(report: Report, root: str | Path) -> list[Path]:
     """reports/report.md, reports/report.html and reports/figures/*.png under `root`, each written atomically."""
-    out = Path(root) / "reports"
-    paths = []
+    out = Path(root) / paths.REPORTS
+    written = []
     for name, png in report.figures.items():
         atomic_write_bytes(png, out / "figures" / name)
-        paths.append(out / "figures" / name)
+        written.append(out / "figures" / name)
     # the pages last: a reader that sees them also finds the figures they link
     atomic_write_text(report.markdown, out / "report.md")
     atomic_write_text(report.html, out / "report.html")
-    return paths + [out / "report.md", out / "report.html"]
+    return written + [out / "report.md", out / "report.html"]
 
 
 def build(root: str | Path, runs: dict[str, dict], dataset: str, title: str,
