@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from pipeline.losses.distillation import dino_loss, ema_center
-from pipeline.methods.dino import DINO
+from pipeline.methods.dino import DINO, collapse_diagnostics
 from pipeline.models.backbones import build_backbone
 from pipeline.params import Section
 from tests.test_ddp import AUG, WORLD, TinyNet, _init, free_port
@@ -165,7 +165,7 @@ def test_forward_backward_multicrop_smoke(bb):
         assert [t.shape for t in m.student_tokens(views)] == [(2, 1, m.backbone.feat_dim)] * 4
     m.set_progress(0.0, 2.0)
     out = m(batch(views))
-    assert set(out) == {"loss", "dino"} and torch.isfinite(out["loss"])
+    assert set(out) == {"loss", "dino", "teacher_entropy_cls", "prototypes_cls"} and torch.isfinite(out["loss"])
     out["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.backbone.parameters())
     assert all(p.grad is None for p in m.teacher_backbone.parameters())
@@ -249,3 +249,34 @@ def test_head_batchnorm_standardises_nearly_parallel_features():
     assert torch.allclose(hidden.mean(0), torch.zeros(24), atol=1e-4)
     spread = {bn: nn.functional.normalize(h.mlp(x), dim=-1).std(0).mean().item() for bn, h in heads.items()}
     assert spread[True] > 10 * spread[False]
+
+
+def test_collapse_diagnostics_by_hand():
+    """Entropy in nats and distinct argmax prototypes of the selected rows; unselected rows count for nothing."""
+    p = torch.tensor([[0.25, 0.25, 0.25, 0.25],   # uniform: log 4, argmax 0
+                      [1.0, 0.0, 0.0, 0.0],       # one-hot: 0 nats, argmax 0
+                      [0.0, 0.5, 0.5, 0.0],       # log 2, argmax 1
+                      [0.0, 0.0, 0.0, 1.0]])      # argmax 3
+    d = collapse_diagnostics(p, "cls")
+    assert math.isclose(d["teacher_entropy_cls"].item(), (math.log(4) + math.log(2)) / 4, rel_tol=1e-6)
+    assert d["prototypes_cls"].item() == 3
+    d = collapse_diagnostics(p, "patch", torch.tensor([False, True, False, True]))
+    assert d["teacher_entropy_patch"].item() == 0.0 and d["prototypes_patch"].item() == 2
+    d = collapse_diagnostics(p, "patch", torch.zeros(4, dtype=torch.bool))  # no rows: 0, not NaN
+    assert d["teacher_entropy_patch"].item() == 0.0 and d["prototypes_patch"].item() == 0
+
+
+def test_forward_returns_detached_diagnostics_of_the_targets_it_used():
+    m = make(n_local=0)
+    m.center.copy_(torch.randn(16))
+    c0 = m.center.clone()
+    views = [torch.randn(4, 3, 4, 4) for _ in range(2)]
+    m.set_progress(0.0, 2.0)
+    out = m(batch(views))
+    with torch.no_grad():
+        t = torch.cat(m.project(m.teacher_head, [m.teacher_backbone(v) for v in views]))
+    p = torch.softmax((t - c0) / m.teacher_temp(), dim=-1)  # the previous centre, as the loss
+    want_h = -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
+    assert torch.allclose(out["teacher_entropy_cls"], want_h, atol=1e-5)
+    assert out["prototypes_cls"].item() == p.argmax(-1).unique().numel()
+    assert not out["teacher_entropy_cls"].requires_grad and not out["prototypes_cls"].requires_grad

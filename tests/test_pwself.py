@@ -114,23 +114,26 @@ def hand_loss(m, b, mode, lambd):
         t_out = [m.teacher_head(m.teacher_backbone.tokens(v)) for v in b.views[:2]]
         s_out = [m.head(m.backbone.tokens(v)) for v in b.views]
     tt, ts = m.teacher_temp(), m.cfg["student_temp"]
-    center = m.center.tolist()
+    # token position 0 (CLS) has DINO's centre, patch position a (token 1 + a) its own
+    centers = [m.center.tolist()] + m.patch_center.tolist()
     grids = [v.shape[-1] // P for v in b.views]
 
-    def H(t, s):
-        pt = _softmax([(x - c) / tt for x, c in zip(t.tolist(), center)])
+    def H(t, s, token):
+        pt = _softmax([(x - c) / tt for x, c in zip(t.tolist(), centers[token])])
         ps = _softmax([x / ts for x in s.tolist()])
         return -sum(a * math.log(q) for a, q in zip(pt, ps))
 
     total, patch_part, n_pairs, cls_terms, n_matched = 0.0, 0.0, 0, [], 0
+    used = set()  # (teacher view, sample, patch position) of every teacher patch some pair uses
     for i in range(2):
         for j in range(len(b.views)):
             if i == j:
                 continue
             matches = match_patches_reference(b.geometry[i], b.geometry[j], grids[i], grids[j])
             for n, pairs in enumerate(matches):
-                h_cls = H(t_out[i][n, 0], s_out[j][n, 0])
-                h_p = [H(t_out[i][n, 1 + a], s_out[j][n, 1 + c]) for a, c in pairs]
+                h_cls = H(t_out[i][n, 0], s_out[j][n, 0], 0)
+                h_p = [H(t_out[i][n, 1 + a], s_out[j][n, 1 + c], 1 + a) for a, c in pairs]
+                used |= {(i, n, a) for a, _ in pairs}
                 if mode == "pwml":
                     cls_part, p_part = h_cls / (1 + len(h_p)), sum(h_p) / (1 + len(h_p))
                 elif mode == "pwsl":
@@ -144,24 +147,30 @@ def hand_loss(m, b, mode, lambd):
             n_pairs += 1
     norm = n_pairs * b.views[0].shape[0]
     diag = {"dino": sum(cls_terms) / len(cls_terms), "patch": patch_part / norm, "matched": n_matched / len(cls_terms)}
-    return total / norm, t_out, diag
+    return total / norm, t_out, diag, used
 
 
 @pytest.mark.parametrize("mode", ["pwml", "pwsl", "pwll"])
 def test_forward_equals_hand_computation(mode):
     m = make(loss=mode, lambd=0.3)
-    c0 = torch.randn(16) * 0.1
+    c0, pc0 = torch.randn(16) * 0.1, torch.randn(4, 16) * 0.5
     m.center.copy_(c0)
+    m.patch_center.copy_(pc0)
     m.set_progress(0.0, 0.0)
     b = fixed_batch()
-    want, t_out, diag = hand_loss(m, b, mode, 0.3)
+    want, t_out, diag, used = hand_loss(m, b, mode, 0.3)
     out = m(b)
     assert math.isclose(out["loss"].item(), want, rel_tol=1e-5)
     for k, v in diag.items():
         assert math.isclose(out[k].item(), v, rel_tol=1e-5), k
-    # the centre moves with the teacher's CLS outputs only (§3.5 / DINO eq. 4)
+    # the CLS centre moves with the teacher's CLS outputs only (§3.5 / DINO eq. 4)
     cls_mean = torch.cat([t[:, 0] for t in t_out]).mean(0)
     assert torch.allclose(m.center, 0.9 * c0 + 0.1 * cls_mean, atol=1e-6)
+    # patch position a with the mean of the teacher's outputs at a over the used (view, sample) pairs
+    for a in range(4):
+        outs = [t_out[i][n, 1 + a] for i, n, pos in sorted(used) if pos == a]
+        want_c = 0.9 * pc0[a] + 0.1 * torch.stack(outs).mean(0) if outs else pc0[a]
+        assert torch.allclose(m.patch_center[a], want_c, atol=1e-6), a
     out["loss"].backward()
     assert m.backbone.embed.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in m.teacher_backbone.parameters())
@@ -205,6 +214,69 @@ def test_no_overlap_leaves_cls_only():
             out = m.patch_wise_forward(b)
         assert torch.allclose(out["loss"], scale * dino, atol=1e-6), mode
         assert out["matched"] == 0 and abs(out["patch"]) < 1e-6 and torch.allclose(out["dino"], dino, atol=1e-6)
+
+
+# --- patch centring: the collapse mechanism of one shared centre ----------------------------------------
+
+class OffsetPatchNet(PatchNet):
+    """PatchNet whose patch tokens share an offset from the CLS token (as a ViT's CLS and patch tokens differ):
+    the teacher's patch outputs sit away from the CLS outputs' mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shift", 3.0 * nn.functional.normalize(
+            torch.randn(self.feat_dim, generator=torch.Generator().manual_seed(7)), dim=0))
+
+    def tokens(self, x):
+        b, c, h, w = x.shape
+        patches = x.reshape(b, c, h // P, P, w // P, P).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // P) * (w // P), -1)
+        t = torch.tanh(self.embed(patches) + self.shift)
+        return torch.cat([torch.tanh(self.cls(t.mean(1, keepdim=True))), t], dim=1)
+
+
+class SharedCentre(PWSelf):
+    """The old centring: DINO's CLS centre subtracted from every patch token too, no patch centre."""
+
+    def token_centers(self, pos):
+        return self.center.expand(pos.shape[0], -1)
+
+    def update_patch_center(self, teacher_logits, pos):
+        pass
+
+
+def _random_batch(g, n=16):
+    views = [torch.randn(n, 3, 8, 8, generator=g) for _ in range(2)] + [torch.randn(n, 3, 4, 4, generator=g)]
+
+    def boxes(lo):
+        top, left = torch.randint(0, 8, (n,), generator=g), torch.randint(0, 8, (n,), generator=g)
+        size = torch.randint(lo, 9, (n,), generator=g)
+        return torch.stack([top, left, size, size, torch.randint(0, 2, (n,), generator=g)], 1).int()
+
+    return SimpleNamespace(views=views, geometry=[boxes(5), boxes(5), boxes(2)])
+
+
+def _patch_probe(cls, steps=24):
+    """Teacher patch entropy (nats) and distinct patch prototypes at the first and the last of `steps` steps of
+    centre updates on fresh random batches (the networks fixed: the centring alone)."""
+    torch.manual_seed(0)
+    cfg = {**SMALL, "out_dim": 64, "hidden_dim": 16, "bottleneck_dim": 8, "teacher_temp": 0.1}
+    m = cls(OffsetPatchNet(), cfg, AUG, 8)
+    m.set_progress(0.0, 5.0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        rows = [m(_random_batch(g)) for _ in range(steps)]
+    return [(r["teacher_entropy_patch"].item(), r["prototypes_patch"].item()) for r in (rows[0], rows[-1])]
+
+
+def test_shared_centre_sharpens_patch_targets_and_per_position_centres_do_not():
+    """The bug in one probe: with the CLS centre subtracted from the patch outputs their common offset stays,
+    and sharpening turns it into near one-hot targets (entropy falls, few prototypes); a centre per patch
+    position removes the offset (entropy rises towards the CLS level, many prototypes)."""
+    (h0, k0), (h_shared, k_shared) = _patch_probe(SharedCentre)
+    (h0_fix, k0_fix), (h_fixed, k_fixed) = _patch_probe(PWSelf)
+    assert (h0, k0) == (h0_fix, k0_fix)  # the same first step: both centres start at 0
+    assert h_shared < 0.75 * h0 and h_fixed > 1.4 * h0 and h_fixed > h_shared + 1.5
+    assert k_shared <= 6 and k_fixed >= 2 * k_shared
 
 
 # --- PWLL with lambd = 1 is DINO ----------------------------------------------------------------------
@@ -286,7 +358,8 @@ def _ddp_worker(rank, port, out):
     sl = slice(rank * b, (rank + 1) * b)
     method.set_progress(0.0, 5.0)
     model(SimpleNamespace(views=[v[sl] for v in views], geometry=[g[sl] for g in geometry]))["loss"].backward()
-    torch.save({"center": method.center, "grads": _grads(method)}, f"{out}/rank{rank}.pt")
+    torch.save({"center": method.center, "patch_center": method.patch_center, "grads": _grads(method)},
+               f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -299,6 +372,8 @@ def test_ddp_gradients_and_centre_equal_single_process(tmp_path):
     views, geometry = ddp_batch()
     single(SimpleNamespace(views=views, geometry=geometry))["loss"].backward()
     assert torch.allclose(single.center, r0["center"], atol=1e-6)
+    assert torch.equal(r0["patch_center"], r1["patch_center"]) and r0["patch_center"].abs().sum() > 0
+    assert torch.allclose(single.patch_center, r0["patch_center"], atol=1e-6)
     for k, g in _grads(single).items():
         assert torch.allclose(r0["grads"][k], g, atol=1e-5), k
 

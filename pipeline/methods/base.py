@@ -4,7 +4,9 @@ A method is an nn.Module owning its backbone, heads, momentum encoders and memor
 sets) as registered buffers, so one state_dict checkpoints all of it. The trainer calls:
   views()          -> the ViewSpecs the loader must produce for every image
   forward(batch)   -> {"loss": total, <term>: value, ...} (runs inside DDP's forward)
-  after_step(p)    -> momentum / EMA updates, with p = training progress in [0, 1]
+  after_step(p)    -> momentum / EMA updates, with p = training progress in [0, 1]: a method declares its
+                      (online, target) pairs in `momentum_pairs()` and its coefficient in `target_momentum(p)`,
+                      and `update_targets(p)` moves them all (one EMA mechanism for MoCo, BYOL, DINO, pNNCLR)
   param_groups()   -> what the optimizer trains (momentum encoders excluded)
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from pipeline.data.views import ViewSpec
 from pipeline.methods.memory import KeyQueue
+from pipeline.methods.shuffle_bn import shuffled_encode
 from pipeline.models.heads import mlp
 from pipeline.params import Float, Int, List, Validator
 
@@ -60,7 +63,25 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:
-        pass
+        self.update_targets(progress)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """The (online, target) module pairs that follow their online module by EMA; none by default."""
+        return []
+
+    def target_momentum(self, progress: float) -> float:
+        """The EMA coefficient at `progress`: constant `momentum` (MoCo eq. 2); BYOL / DINO override with
+        their cosine schedule."""
+        return self.cfg["momentum"]
+
+    @torch.no_grad()
+    def update_targets(self, progress: float) -> None:
+        """theta_t <- m theta_t + (1 - m) theta_o for every declared pair, m = target_momentum(progress)."""
+        pairs = self.momentum_pairs()
+        if pairs:
+            m = self.target_momentum(progress)
+            for online, target in pairs:
+                ema_update(target, online, m)
 
     def param_groups(self) -> list[dict]:
         """Weights get weight decay; biases and norm parameters do not (LARS also skips adaptation)."""
@@ -101,11 +122,13 @@ class MomentumContrast(ProjectorMethod):
     copy of backbone + projector, theta_k <- m theta_k + (1 - m) theta_q (MoCo eq. 2), and a FIFO queue of past
     keys as negatives. `forward` leaves the keys to enqueue in `_pending_keys`; `after_step` pushes them (the
     queue gathers them from every rank in rank order, so it is identical on all ranks) and then moves the key
-    encoder. Both are modules / buffers, so one state_dict checkpoints them. Needs `queue_size`, `momentum`."""
+    encoder. Both are modules / buffers, so one state_dict checkpoints them. Needs `queue_size`, `momentum`.
+    With `shuffle_bn` (MoCo §3.3) the key encoder normalises shuffled sub-batches (pipeline/methods/shuffle_bn.py)."""
 
     def __init__(self, backbone, cfg, augment, image_size):
         super().__init__(backbone, cfg, augment, image_size)
         self._pending_keys: list[torch.Tensor] = []
+        self._key_calls = 0  # key() calls in this step: each draws its own Shuffle-BN permutation
         if self.uses_key_encoder():
             self.key_backbone = momentum_copy(self.backbone)
             self.key_projector = momentum_copy(self.projector)
@@ -115,19 +138,34 @@ class MomentumContrast(ProjectorMethod):
         """False for a variant trained end to end (LeOCLR, Table 5): no key encoder, no queue."""
         return True
 
-    @torch.no_grad()
-    def key(self, x: torch.Tensor) -> torch.Tensor:
+    def set_progress(self, progress, epoch):
+        super().set_progress(progress, epoch)
+        self._key_calls = 0
+
+    def _key_encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.key_projector(self.key_backbone(x))
 
     @torch.no_grad()
-    def after_step(self, progress):
+    def key(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.get("shuffle_bn", False):
+            return self._key_encode(x)
+        # the permutation seed: this step (progress is the same on every rank and after a resume) and call
+        seed = round(self.progress * 2 ** 30) * 16 + self._key_calls
+        self._key_calls += 1
+        return shuffled_encode(self._key_encode, x, self.cfg["shuffle_bn_groups"], seed)
+
+    def momentum_pairs(self):
         if not self.uses_key_encoder():
-            return
-        for k in self._pending_keys:  # enqueued after backward: the loss's graph holds the current queue
-            self.queue.push(k)
-        self._pending_keys = []
-        ema_update(self.key_backbone, self.backbone, self.cfg["momentum"])
-        ema_update(self.key_projector, self.projector, self.cfg["momentum"])
+            return []
+        return [(self.backbone, self.key_backbone), (self.projector, self.key_projector)]
+
+    @torch.no_grad()
+    def after_step(self, progress):
+        if self.uses_key_encoder():
+            for k in self._pending_keys:  # enqueued after backward: the loss's graph holds the current queue
+                self.queue.push(k)
+            self._pending_keys = []
+        self.update_targets(progress)
 
 
 def two_view_params() -> dict[str, Validator]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.losses.predictive import normalized_mse
-from pipeline.methods.base import (ProjectorMethod, cosine_momentum, ema_update, momentum_copy, projector_params,
+from pipeline.methods.base import (ProjectorMethod, cosine_momentum, momentum_copy, projector_params,
                                    two_view_params)
 from pipeline.methods.registry import register
 from pipeline.models.heads import mlp
@@ -51,8 +51,5 @@ class BYOL(ProjectorMethod):
     def target_momentum(self, progress: float) -> float:
         return cosine_momentum(self.cfg["momentum"], progress)
 
-    @torch.no_grad()
-    def after_step(self, progress):
-        m = self.target_momentum(progress)
-        ema_update(self.target_backbone, self.backbone, m)
-        ema_update(self.target_projector, self.projector, m)
+    def momentum_pairs(self):
+        return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]

@@ -13,6 +13,8 @@ Works on a ResNet (pooled features) and a timm ViT (CLS token). Token access is 
 (`student_tokens` / `teacher_tokens` return (B, 1 + N, D) per view; a ResNet gives N = 0) and the head,
 centring and cross-entropy are methods of their own, so a patch-level subclass (PW-Self) reuses them on
 patch tokens. DINO evaluates the teacher: it is the exported encoder (`encoder_to_export`).
+Each step also returns collapse diagnostics of the teacher's targets (`collapse_diagnostics`: entropy, distinct
+argmax prototypes), which the trainer averages into the per-epoch curve.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.views import ViewSpec
-from pipeline.losses.distillation import dino_loss, ema_center
-from pipeline.methods.base import Method, cosine_momentum, ema_update, momentum_copy, temperature_param
+from pipeline.losses.distillation import dino_loss, ema_center, teacher_probs
+from pipeline.methods.base import Method, cosine_momentum, momentum_copy, temperature_param
 from pipeline.methods.registry import register
 from pipeline.params import Bool, Float, Int, List, Range01
 from pipeline.train import dist
@@ -51,7 +53,9 @@ class DINOHead(nn.Module):
     to a `bottleneck`-d output, L2 normalisation, then a weight-normalised linear layer to K prototypes.
     `bn` adds BatchNorm after each hidden layer (the paper's code: `use_bn_in_head`): on a briefly trained
     ResNet the pooled features of different images are nearly parallel, and without it the centred teacher
-    output stays uniform (loss pinned at log K)."""
+    output stays uniform (loss pinned at log K): the CPU profile's ResNet DINO keeps it. The ViT runs leave it
+    off (`head_bn: false`): DINO's ViT recipe has no BN in the head, and in PW-Self one BN pass would mix the
+    CLS tokens with many times as many patch tokens."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int = 2048, bottleneck: int = 256, layers: int = 3,
                  norm_last_layer: bool = True, bn: bool = False):
@@ -71,6 +75,21 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+@torch.no_grad()
+def collapse_diagnostics(p_teacher: torch.Tensor, kind: str, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The two faces of collapse (DINO §5.3, Fig. 7) for the teacher targets P_t (N, K) of the selected rows
+    (all by default): `teacher_entropy_<kind>`, the mean entropy H(P_t) in nats (log K: uniform collapse; 0:
+    one-hot targets), and `prototypes_<kind>`, how many distinct argmax prototypes the rows use (1: every
+    row the same prototype). Over this rank's batch. Detached tensors, computed without a host sync (masked
+    sums and a scatter, no boolean indexing or unique), so the trainer reads them with the loss."""
+    sel = torch.ones(p_teacher.shape[0], dtype=torch.bool, device=p_teacher.device) if rows is None else rows
+    entropy = torch.special.entr(p_teacher.float()).sum(dim=-1)
+    k = p_teacher.shape[-1]
+    top = torch.where(sel, p_teacher.argmax(dim=-1), k)  # unselected rows land in a spare bin k
+    used = torch.zeros(k + 1, device=p_teacher.device).scatter_(0, top, 1.0)[:k]
+    return {f"teacher_entropy_{kind}": (entropy * sel).sum() / sel.sum().clamp(min=1), f"prototypes_{kind}": used.sum()}
 
 
 @register("dino")
@@ -183,8 +202,10 @@ class DINO(Method):
         with torch.no_grad():
             teacher = self.project(self.teacher_head, [t[:, 0] for t in self.teacher_tokens(views[:self.N_GLOBAL])])
         loss = self.dino_ce(teacher, student)
+        # collapse diagnostics of the targets this loss used (the previous centre), then the centre moves
+        diagnostics = collapse_diagnostics(teacher_probs(torch.cat(teacher), self.center, self.teacher_temp()), "cls")
         self.update_center(self.center, torch.cat(teacher))  # after its use: the loss saw the previous centre
-        return {"loss": loss, "dino": loss}
+        return {"loss": loss, "dino": loss, **diagnostics}
 
     def before_optimizer_step(self) -> None:
         """Freeze the last layer during the first `freeze_last_layer` epochs: dropping its gradients makes the
@@ -193,11 +214,12 @@ class DINO(Method):
             for p in self.head.last_layer.parameters():
                 p.grad = None
 
-    @torch.no_grad()
-    def after_step(self, progress):
-        m = cosine_momentum(self.cfg["momentum"], progress)
-        ema_update(self.teacher_backbone, self.backbone, m)
-        ema_update(self.teacher_head, self.head, m)
+    def momentum_pairs(self):
+        return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
+
+    def target_momentum(self, progress):
+        """l on a cosine schedule from `momentum` to 1 (§3.1, "Teacher network")."""
+        return cosine_momentum(self.cfg["momentum"], progress)
 
     def encoder_to_export(self):
         # the paper evaluates the teacher, which outperforms the student during training

@@ -6,7 +6,8 @@ The query encoder f_q sees only X; the momentum encoder f_k (eq. 1, theta_k <- m
 m = 0.999) sees only the crops. Loss (eq. 3): l(u, sg(v1)) + l(u, sg(v2)), u = f_q(X), v^i = f_k(X^i), l = MoCo-v2's
 InfoNCE (eq. 2) against the queue: both crops are pulled to the original, never to each other. Both crops' keys
 are enqueued after the step (gathered across ranks: the queue is identical everywhere). Each term is the mean
-over the batch, as MoCo-v2's here (eq. 3 writes a sum over the batch: only the scale differs).
+over the batch, as MoCo-v2's here (eq. 3 writes a sum over the batch: only the scale differs). The key encoder
+uses MoCo's Shuffle-BN (as MoCo-v2 here: `shuffle_bn`, base.MomentumContrast.key).
 
 `variant: end_to_end` is the paper's §5 / Table 5 ablation: both branches trained by backpropagation (one shared
 encoder, as in the SimCLR it is compared with), negatives the other images' crops in the global batch instead
@@ -20,6 +21,7 @@ from pipeline.data.views import ViewSpec
 from pipeline.losses.contrastive import info_nce_batch, info_nce_queue
 from pipeline.methods.base import MomentumContrast, projector_params, temperature_param
 from pipeline.methods.registry import register
+from pipeline.methods.shuffle_bn import SHUFFLE_BN_DEFAULTS, shuffle_bn_params
 from pipeline.params import Float, Int, Str
 from pipeline.train import dist
 
@@ -29,9 +31,9 @@ VARIANTS = ("momentum", "end_to_end")
 @register("leoclr")
 class LeOCLR(MomentumContrast):
     PARAMS = {"temperature": temperature_param(), "queue_size": Int(1), "momentum": Float(0, 1),
-              "variant": Str(VARIANTS), **projector_params()}
+              "variant": Str(VARIANTS), **projector_params(), **shuffle_bn_params()}
     DEFAULTS = {"temperature": 0.2, "queue_size": 65536, "momentum": 0.999, "variant": "momentum",
-                "proj_hidden": 2048, "proj_dim": 128, "proj_layers": 2}
+                "proj_hidden": 2048, "proj_dim": 128, "proj_layers": 2, **SHUFFLE_BN_DEFAULTS}
 
     def uses_key_encoder(self) -> bool:
         return self.cfg["variant"] == "momentum"

@@ -6,7 +6,8 @@ theta_k <- m theta_k + (1 - m) theta_q (MoCo eq. 2); InfoNCE against a FIFO queu
 so it is identical on all ranks; it is a buffer, so checkpoints save and restore it (both pieces live in
 base.MomentumContrast, shared with LeOCLR).
 `symmetric: true` adds the loss with the views swapped (a common CIFAR setting; off = the paper).
-Shuffle-BN is not implemented: with SyncBN off and one process the key BN sees the whole batch.
+Shuffle-BN (MoCo §3.3, on by default; `shuffle_bn: false` turns it off): the key encoder normalises shuffled
+sub-batches, `shuffle_bn_groups` of them (8: MoCo's 8 GPUs), shuffled across ranks under DDP (shuffle_bn.py).
 
 `groups` (off by default): GSSSL's multi-patch grouping (Li et al. 2024, Table 5, "MoCo + Multi-Image
 Patches"; pipeline/methods/patch_groups.py). As for SimCLR, the paper does not say how the group enters
@@ -22,15 +23,17 @@ from pipeline.losses.contrastive import info_nce_queue
 from pipeline.methods.base import MomentumContrast, projector_params, temperature_param
 from pipeline.methods.patch_groups import PatchGroups, encode_patches, group_params
 from pipeline.methods.registry import register
+from pipeline.methods.shuffle_bn import SHUFFLE_BN_DEFAULTS, shuffle_bn_params
 from pipeline.params import Bool, Float, Int
 
 
 @register("mocov2")
 class MoCoV2(MomentumContrast):
     PARAMS = {"temperature": temperature_param(), "queue_size": Int(1), "momentum": Float(0, 1),
-              "symmetric": Bool(), **projector_params(), **group_params()}
+              "symmetric": Bool(), **projector_params(), **group_params(),
+              **shuffle_bn_params()}
     DEFAULTS = {"temperature": 0.2, "queue_size": 65536, "momentum": 0.999, "symmetric": False,
-                "proj_hidden": 2048, "proj_dim": 128, "proj_layers": 2}
+                "proj_hidden": 2048, "proj_dim": 128, "proj_layers": 2, **SHUFFLE_BN_DEFAULTS}
 
     def __init__(self, backbone, cfg, augment, image_size):
         super().__init__(backbone, cfg, augment, image_size)

@@ -8,9 +8,14 @@ changes, each a switch for the paper's Table 4 ablation:
   `pseudo` (pNN): the positive is pulled back towards z, z'' = z + (1 - alpha)(NN(z) - z) (eq. 4); off = NN(z);
   `noise`: z' ~ N(z'', (beta ||z'' - z||)^2) independently per dimension (eq. 5); off = z' = z''.
 Loss (eq. 7-9): InfoNCE between pNN(z_i) and the target embeddings of the other view (negatives: the other
-images' target embeddings in the global batch), mean over the batch, the two directions summed (eq. 9).
+images' target embeddings in the global batch), mean over the batch, the two directions averaged. Eq. 9 sums
+them; the paper trains with Adam, whose updates do not change with a constant loss scale (up to its eps), so
+the mean trains as the sum there, and it keeps pNNCLR's loss on NNCLR's scale (NNCLR averages its two
+directions): under SGD, beside NNCLR, a sum would double pNNCLR's effective lr and confound the comparison.
 Defaults alpha = 0.25, beta = 0.10: the best rows of Table 5 (the prose beside it swaps the two values).
 No predictor: the paper's encoder is backbone + two dense layers (2048, BN between, §4.1).
+Augmentations: the paper names none beyond its base; per-view `blur_p` / `solarize_p` (BYOL's asymmetric pair,
+as NNCLR §4.1 uses) can be set in the block, so that beside NNCLR both see the same views.
 
 Gradient: the paper's formulas make the positive a function of a support-set element, which has no gradient;
 with `pseudo` and `noise` off (the "swu" row of Table 4) nothing at all would then reach the encoder. The
@@ -28,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.losses.contrastive import info_nce_batch
-from pipeline.methods.base import ProjectorMethod, ema_update, momentum_copy, projector_params, temperature_param
+from pipeline.methods.base import (ProjectorMethod, momentum_copy, projector_params, temperature_param,
+                                   two_view_params)
 from pipeline.methods.memory import SupportSet, nearest_neighbour
 from pipeline.methods.registry import register
 from pipeline.params import Bool, Float, Int
@@ -53,7 +59,8 @@ def pseudo_neighbour(z: torch.Tensor, support: torch.Tensor, alpha: float, beta:
 @register("pnnclr")
 class PNNCLR(ProjectorMethod):
     PARAMS = {"temperature": temperature_param(), "support_size": Int(1), "momentum": Float(0, 1),
-              "alpha": Float(0, 1), "beta": Float(0), "pseudo": Bool(), "noise": Bool(), **projector_params()}
+              "alpha": Float(0, 1), "beta": Float(0), "pseudo": Bool(), "noise": Bool(), **projector_params(),
+              **two_view_params()}
     # lambda (eq. 6) and the temperature are not given by the paper: NNCLR's t = 0.1, MoCo's lambda = 0.99
     DEFAULTS = {"temperature": 0.1, "support_size": 10000, "momentum": 0.99, "alpha": 0.25, "beta": 0.10,
                 "pseudo": True, "noise": True, "proj_hidden": 2048, "proj_dim": 2048, "proj_layers": 2}
@@ -97,7 +104,7 @@ class PNNCLR(ProjectorMethod):
         k1, k2 = keys.split(t1.shape[1], dim=1)
         positive = torch.arange(z1.shape[0], device=z1.device) + dist.rank() * z1.shape[0]
         t = self.cfg["temperature"]
-        loss = info_nce_batch(q1, k2, positive, t) + info_nce_batch(q2, k1, positive, t)   # eq. 9
+        loss = (info_nce_batch(q1, k2, positive, t) + info_nce_batch(q2, k1, positive, t)) / 2   # eq. 9, averaged
         self._pending = z1.detach()  # pushed after the step: a batch must not find itself as its own neighbour
         return {"loss": loss, "info_nce": loss}
 
@@ -106,5 +113,7 @@ class PNNCLR(ProjectorMethod):
         if self._pending is not None:
             self.support.push(self._pending)
         self._pending = None
-        ema_update(self.target_backbone, self.backbone, self.cfg["momentum"])
-        ema_update(self.target_projector, self.projector, self.cfg["momentum"])
+        self.update_targets(progress)  # eq. 6, constant lambda
+
+    def momentum_pairs(self):
+        return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]

@@ -13,10 +13,16 @@ Choices, from the paper:
 - Patch tokens go through the same projection head as the CLS token: "Either of the ViT encoders extract
   representations for the entire image (CLS tokens) as well as each of the patches" and the loss is
   H(g[p], l[p]) over token positions p of the same outputs P (§3.5, eqs. 8-10; Alg. 1 l. 27-31).
-- They are centred and sharpened like the CLS outputs: §3.5 defines one P_t((theta_t(x) - C) / tau_t) for
-  every teacher output. The centre itself is updated from the CLS outputs only: "C is the average of
-  samples inside the batch" (§3.5), one output per image as in DINO's eq. 4. This also keeps the centre,
-  and so the whole run, exactly DINO's when the patch terms vanish.
+- They are centred and sharpened like the CLS outputs: §3.5 defines P_t = softmax((theta_t(x) - C) / tau_t)
+  for every teacher output, "C is the average of samples inside the batch". Each token position of the
+  teacher's (global-crop) grid has its own centre, as in the authors' code: the CLS token keeps DINO's
+  centre (eq. 4, from the CLS outputs only), and patch position p gets C_p, an EMA with DINO's momentum of
+  the teacher's outputs at p over the batch (the used rows: the positions some pair matches), all-reduced
+  across ranks. Only the teacher's outputs are centred, and the teacher sees the global crops only, so the
+  student's (local) grids need none. One centre shared by CLS and patches is a bug: the patch outputs drift
+  away from the CLS mean, so subtracting it leaves a common offset that the sharpening temperature turns
+  into one-hot patch targets (patch collapse; tests/test_pwself.py reproduces it). The CLS centre stays
+  DINO's, so the run is exactly DINO's when the patch terms vanish.
 - Patch-level photometric augmentation (§3.3) applies to every view, teacher inputs included (Fig. 1: "the
   two views are cut into patches and undergo patch-level photometric augmentation. Subsequently, they are
   encoded by two separate Vision Transformers"; Alg. 1 l. 13-14 augment img1 (teacher) and img2
@@ -38,10 +44,12 @@ import torch
 
 from pipeline.data.patch_augment import PatchAugment
 from pipeline.data.patch_matching import match_patches
-from pipeline.losses.distillation import PATCH_AGGREGATIONS, patch_wise_weights, soft_cross_entropy, teacher_probs
-from pipeline.methods.dino import DINO
+from pipeline.losses.distillation import (PATCH_AGGREGATIONS, ema_center, patch_wise_weights, soft_cross_entropy,
+                                          teacher_probs)
+from pipeline.methods.dino import DINO, collapse_diagnostics
 from pipeline.methods.registry import register
 from pipeline.params import Bool, Float, ParamError, Str
+from pipeline.train import dist
 
 
 def _with_cls(idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -67,6 +75,8 @@ class PWSelf(DINO):
         c = self.cfg
         # PWLL with lambd = 1 gives the patches weight 0: DINO exactly
         self.patch_terms = not (c["loss"] == "pwll" and c["lambd"] == 1.0)
+        # one centre per patch position of the teacher's grid (the global crops, at the training size)
+        self.register_buffer("patch_center", torch.zeros((image_size // self.patch_size) ** 2, c["out_dim"]))
 
     def views(self):
         """DINO's multi-crop views, each with per-patch augmentation on the ViT's patch grid when enabled (§3.3)."""
@@ -90,7 +100,8 @@ class PWSelf(DINO):
 
     def project_used(self, head, tokens: list[torch.Tensor], uses: list[tuple[int, torch.Tensor]]):
         """Run `head` once on the tokens that some pair uses. tokens: per view (B, T, D); uses: (view, (B, L)
-        token indices). Returns (logits (R, K) of the used tokens, per view a (B, T) map token -> row)."""
+        token indices). Returns (logits (R, K) of the used tokens, per view a (B, T) map token -> row, and the
+        token position (R,) of every row: 0 = CLS, 1 + p = patch p of that view's grid)."""
         used = [torch.zeros(t.shape[:2], dtype=torch.bool, device=t.device) for t in tokens]
         for u in used:
             u[:, 0] = True
@@ -98,8 +109,29 @@ class PWSelf(DINO):
             used[v].scatter_(1, idx, True)
         mask = torch.cat([u.reshape(-1) for u in used])
         rows = (mask.cumsum(0) - 1).split([u.numel() for u in used])
+        pos = torch.cat([torch.arange(u.shape[1], device=u.device).expand_as(u).reshape(-1) for u in used])
         flat = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens])
-        return head(flat[mask]), [r.view_as(u) for r, u in zip(rows, used)]
+        return head(flat[mask]), [r.view_as(u) for r, u in zip(rows, used)], pos[mask]
+
+    # --- centring (§3.5): DINO's centre for CLS, one per patch position -----------------------------
+    def token_centers(self, pos: torch.Tensor) -> torch.Tensor:
+        """(R,) teacher token positions -> (R, K) centres: DINO's for CLS (0), C_p for patch 1 + p."""
+        return torch.cat([self.center[None], self.patch_center])[pos]
+
+    @torch.no_grad()
+    def update_patch_center(self, teacher_logits: torch.Tensor, pos: torch.Tensor) -> None:
+        """C_p <- m C_p + (1 - m) mean of the teacher's outputs at patch position p (DINO eq. 4's rule, per
+        position), over the global batch: per-position sums and counts all-reduced together, so every rank
+        gets the same centres. A position no pair used this step (no output) keeps its centre."""
+        flat = teacher_logits.detach().float()
+        stats = flat.new_zeros(1 + self.patch_center.shape[0], flat.shape[1] + 1)  # row 0 collects the CLS rows
+        stats.index_add_(0, pos, torch.cat([flat, flat.new_ones(flat.shape[0], 1)], dim=1))
+        stats = stats[1:]
+        dist.all_reduce_mean_(stats)
+        count = stats[:, -1:]
+        mean = stats[:, :-1] / count.clamp(min=1e-12)  # the ratio of means = the global mean
+        updated = ema_center(self.patch_center, mean, self.cfg["center_momentum"])
+        self.patch_center.copy_(torch.where(count > 0, updated, self.patch_center))
 
     # --- the step ---------------------------------------------------------------------------------
     def forward(self, batch):
@@ -115,9 +147,10 @@ class PWSelf(DINO):
         student = self.student_tokens(views)
         with torch.no_grad():
             teacher = self.teacher_tokens(views[:self.N_GLOBAL])
-            t_logits, t_rows = self.project_used(self.teacher_head, teacher, [(i, ti) for i, _, ti, _, _ in pairs])
-            p_t = teacher_probs(t_logits, self.center, self.teacher_temp())
-        s_logits, s_rows = self.project_used(self.head, student, [(j, si) for _, j, _, si, _ in pairs])
+            t_logits, t_rows, t_pos = self.project_used(self.teacher_head, teacher,
+                                                        [(i, ti) for i, _, ti, _, _ in pairs])
+            p_t = teacher_probs(t_logits, self.token_centers(t_pos), self.teacher_temp())
+        s_logits, s_rows, _ = self.project_used(self.head, student, [(j, si) for _, j, _, si, _ in pairs])
         with torch.no_grad():
             target, cls_w, n_matched = self.pair_targets(pairs, t_rows, s_rows, p_t, s_logits.shape[0])
         # H is linear in the teacher distribution: sum_r w_r H(P_t[a_r], P_s[b_r]) = sum_b H(Q_b, P_s[b]) with
@@ -127,11 +160,14 @@ class PWSelf(DINO):
         with torch.no_grad():  # diagnostics from the CLS rows only (cheap): DINO's loss on these outputs
             h_cls = torch.stack([soft_cross_entropy(p_t[t_rows[i][:, 0]], s_logits[s_rows[j][:, 0]], c["student_temp"])
                                  for i, j, *_ in pairs])
-        # the centre from the teacher's CLS outputs only (DINO eq. 4), after its use in the loss
+        # the centres after their use in the loss: CLS from the CLS outputs only (DINO eq. 4), patches per position
         self.update_center(self.center, t_logits[torch.cat([r[:, 0] for r in t_rows])])
-        # logged: the CLS term (eq. 7), the patch terms' share of the loss, matched patches per (sample, view pair)
+        self.update_patch_center(t_logits, t_pos)
+        # logged: the CLS term (eq. 7), the patch terms' share of the loss, matched patches per (sample, view pair),
+        # and the collapse diagnostics of the teacher's CLS and patch targets
         return {"loss": loss, "dino": h_cls.mean(), "patch": loss.detach() - (h_cls * cls_w).mean(),
-                "matched": n_matched / h_cls.numel()}
+                "matched": n_matched / h_cls.numel(), **collapse_diagnostics(p_t, "cls", t_pos == 0),
+                **collapse_diagnostics(p_t, "patch", t_pos > 0)}
 
     def pair_targets(self, pairs, t_rows, s_rows, p_t: torch.Tensor, n_student: int):
         """The weighted teacher target of every used student token, (R_s, K): sum over the matched (teacher

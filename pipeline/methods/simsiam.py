@@ -7,8 +7,8 @@ L = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2 with D the negative cosine; there is n
 stop-gradient alone prevents collapse. Per-sample terms, so DDP's gradient mean is the global-batch gradient.
 Views: the shared augment (the paper uses MoCo-v2's symmetric augmentation).
 
-Not implemented: the paper keeps the predictor's lr fixed (not decayed; §4, Table 1 "fixed lr of h"), a
-small gain; the trainer's schedule decays every parameter group alike.
+The predictor h trains at a fixed lr (§4.2 "Predictor", Table 1 "lr of h: fixed"): its parameter groups carry
+`fixed_lr`, so the trainer's warm-up and cosine decay leave them at the peak lr (pipeline/train/optim.py).
 """
 from __future__ import annotations
 
@@ -37,6 +37,16 @@ class SimSiam(ProjectorMethod):
         """(z, p): the projection (the stop-gradient target for the other view) and its prediction."""
         z = self.project(x)
         return z, self.predictor(z)
+
+    def param_groups(self) -> list[dict]:
+        """The base groups (weight decay on weights only) for backbone + projector; the predictor's own pair of
+        groups at a fixed lr (§4.2, Table 1)."""
+        pred = {id(p) for p in self.predictor.parameters()}
+        groups = []
+        for g in super().param_groups():
+            groups.append({**g, "params": [p for p in g["params"] if id(p) not in pred]})
+            groups.append({**g, "params": [p for p in g["params"] if id(p) in pred], "fixed_lr": True})
+        return groups
 
     def forward(self, batch):
         (z1, p1), (z2, p2) = (self.embed(v) for v in batch.views[:2])

@@ -6,17 +6,33 @@ import math
 import torch
 
 
+# How each optimizer's `lr` scales with the global batch when `lr_scaling` is not set, from the papers' recipes:
+#   sgd, lars: linear, lr x batch/256 (Goyal et al. 2017; SimCLR App. B.1, MoCo / SimSiam §4 "lr x BatchSize/256",
+#              BYOL App. C, Barlow Twins §4, GSSSL §4: the papers state their base lr at batch 256)
+#   adamw:     linear, lr x batch/256 (DINO §4 "Implementation details": lr = 0.0005 x batchsize/256; PW-Self
+#              trains with DINO's recipe)
+#   adam:      none (pNNCLR §4.1: Adam at 1e-3, stated for its batch 64, not scaled)
+# `lr_scaling: linear | none` in a train block overrides the rule for that run.
+DEFAULT_LR_SCALING = {"sgd": "linear", "lars": "linear", "adamw": "linear", "adam": "none"}
+
+
 def peak_lr(train: dict) -> float:
-    """`lr` is given at batch 256 and scaled linearly with the global batch (Goyal et al. 2017) for SGD/LARS;
-    Adam/AdamW take it as is (`lr_scaling: none` turns scaling off for any optimizer)."""
-    if train.get("lr_scaling", "linear") == "linear" and train["optimizer"] in ("sgd", "lars"):
+    """The run's peak lr: `lr` scaled by batch/256 when the run's rule (`lr_scaling`, else the optimizer's rule in
+    DEFAULT_LR_SCALING) is linear."""
+    rule = train.get("lr_scaling") or DEFAULT_LR_SCALING[train["optimizer"]]
+    if rule == "linear":
         return train["lr"] * train["batch_size"] / 256
     return train["lr"]
 
 
 def build_optimizer(groups: list[dict], train: dict) -> torch.optim.Optimizer:
+    """Groups may carry `lr_scale` (a multiple of the scheduled lr) and `fixed_lr: True` (kept at the peak lr
+    times its lr_scale for the whole run: no warm-up, no decay; SimSiam's predictor, §4.2 / Table 1)."""
     name, lr, wd = train["optimizer"], peak_lr(train), train["weight_decay"]
     groups = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
+    for g in groups:
+        if g.get("fixed_lr"):
+            g["lr"] = lr * g.get("lr_scale", 1.0)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=train["momentum"], weight_decay=wd)
     if name == "lars":
@@ -38,8 +54,10 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled lr (times each group's lr_scale) for every group but the `fixed_lr` ones."""
     for g in opt.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+        if not g.get("fixed_lr"):
+            g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def cosine_ramp(start: float, end: float, progress: float) -> float:

@@ -1,0 +1,137 @@
+"""Shuffle-BN (MoCo §3.3): the key encoder's BN sees other groups than the query encoder's, keys come back in the
+original order, off is the plain key encoder, permutations are reproducible, and under gloo DDP (2 processes) the
+batch is shuffled across ranks and unshuffled exactly (equal to one process with the ranks' groups)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from pipeline.methods.leoclr import LeOCLR
+from pipeline.methods.mocov2 import MoCoV2
+from pipeline.methods.shuffle_bn import encode_in_groups, permutation, shuffled_encode
+from tests.test_ddp import AUG, WORLD, TinyNet, _init, free_port
+
+CFG = {"proj_hidden": 8, "proj_dim": 5, "proj_layers": 2, "temperature": 0.2, "queue_size": 32, "momentum": 0.9}
+
+
+def make(cls=MoCoV2, **over):
+    torch.manual_seed(0)
+    return cls(TinyNet(), {**CFG, **over}, AUG, 4)
+
+
+def record_inputs(module: nn.Module) -> list[torch.Tensor]:
+    """Every batch `module` is called on, in call order."""
+    seen: list[torch.Tensor] = []
+    module.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()))
+    return seen
+
+
+def rows_of(batch: torch.Tensor, x: torch.Tensor) -> list[int]:
+    """Which rows of x each row of `batch` is (exact copies)."""
+    return [next(i for i in range(len(x)) if torch.equal(r, x[i])) for r in batch]
+
+
+def test_key_bn_groups_differ_from_the_queries():
+    m = make(shuffle_bn_groups=4)
+    x = torch.randn(16, 3, 4, 4)
+    query_bn = next(mod for mod in m.projector.modules() if isinstance(mod, nn.BatchNorm1d))
+    key_bn = next(mod for mod in m.key_projector.modules() if isinstance(mod, nn.BatchNorm1d))
+    q_calls, k_calls, k_inputs = record_inputs(query_bn), record_inputs(key_bn), record_inputs(m.key_backbone)
+    m.set_progress(0.25, 1.0)
+    m(SimpleNamespace(views=[x, x.flip(0)]))
+    assert [len(c) for c in q_calls] == [16]          # the queries: one BN batch of the whole batch
+    assert [len(c) for c in k_calls] == [4, 4, 4, 4]  # the keys: four BN groups of 4
+    groups = [rows_of(b, x.flip(0)) for b in k_inputs]
+    assert sorted(sum(groups, [])) == list(range(16))
+    assert groups != [list(range(i, i + 4)) for i in range(0, 16, 4)]  # shuffled, not the batch's own order
+
+
+def test_keys_come_back_in_order_and_equal_grouped_encoding():
+    m = make(shuffle_bn_groups=4)
+    x = torch.randn(12, 3, 4, 4)
+    m.set_progress(0.5, 1.0)
+    got = m.key(x)
+    perm = permutation(12, round(0.5 * 2 ** 30) * 16, "cpu")
+    want = torch.empty_like(got)
+    for idx in perm.tensor_split(4):  # each group through the key encoder on its own, put back in place
+        want[idx] = m.key_projector(m.key_backbone(x[idx]))
+    assert torch.allclose(got, want, atol=1e-6)
+    # a BN-free encoder: the shuffle is invisible
+    assert torch.equal(shuffled_encode(lambda y: y * 2, x, 4, seed=3), x * 2)
+
+
+def test_off_is_the_plain_key_encoder():
+    m = make(shuffle_bn=False)
+    x = torch.randn(8, 3, 4, 4)
+    calls = record_inputs(m.key_backbone)
+    assert torch.equal(m.key(x), m.key_projector(m.key_backbone(x)))
+    assert [len(c) for c in calls] == [8, 8]
+
+
+def test_each_call_its_own_permutation_and_a_replayed_step_the_same():
+    m = make(symmetric=True, shuffle_bn_groups=2)
+    x = torch.randn(8, 3, 4, 4)
+    calls = record_inputs(m.key_backbone)
+    for _ in range(2):
+        m.set_progress(0.125, 0.5)
+        m.key(x), m.key(x)
+    first, second, replay1, replay2 = ([tuple(rows_of(b, x)) for b in calls[i:i + 2]] for i in range(0, 8, 2))
+    assert first != second and (first, second) == (replay1, replay2)
+
+
+def test_groups_keep_two_rows_for_batchnorm():
+    sizes = []
+    encode_in_groups(lambda y: sizes.append(len(y)) or y, torch.randn(5, 2), 8)
+    assert sizes == [3, 2]
+
+
+def test_leoclr_and_mocov2_default_on():
+    assert make().cfg["shuffle_bn"] and make(LeOCLR, variant="momentum").cfg["shuffle_bn"]
+    assert make().cfg["shuffle_bn_groups"] == 8
+
+
+# --- DDP (gloo, 2 processes) -----------------------------------------------------------------------------
+
+class RecordingBN(nn.Module):
+    """BatchNorm1d (train mode: batch statistics) that records the rows it normalises."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, y):
+        self.seen.append(y.detach().clone())
+        return self.bn(y)
+
+
+def _global_batch():
+    return torch.randn(16, 3, generator=torch.Generator().manual_seed(4))
+
+
+def _ddp_worker(rank, port, out):
+    _init(rank, port)
+    x = _global_batch()[rank * 8:(rank + 1) * 8]
+    enc = RecordingBN()
+    keys = shuffled_encode(enc, x, 2, seed=11)
+    plain = shuffled_encode(lambda y: y + 1, x, 2, seed=11)
+    torch.save({"keys": keys, "seen": enc.seen, "plain": plain}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_shuffles_across_ranks_and_unshuffles_in_order(tmp_path):
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    x = _global_batch()
+    for r, got in enumerate(ranks):  # BN-free: every rank gets its own rows back, in order
+        assert torch.equal(got["plain"], x[r * 8:(r + 1) * 8] + 1)
+    # rank 0's BN groups hold rows of rank 1's batch: the shuffle crossed ranks
+    seen0 = sum((rows_of(b, x) for b in ranks[0]["seen"]), [])
+    assert len(seen0) == 8 and any(i >= 8 for i in seen0)
+    # one process with the ranks' 2 x 2 groups on the gathered batch gives the same keys
+    single = shuffled_encode(RecordingBN(), x, 2 * WORLD, seed=11)
+    assert torch.allclose(torch.cat([r["keys"] for r in ranks]), single, atol=1e-6)
