@@ -73,9 +73,9 @@ TOP = {
     "seed": Int(0), "launcher": Str(), "dataset": DATASET, "shard": SHARD, "backbones": MapOf(BACKBONE), "runs": MapOf(RUN),
     "augment": AUGMENT, "train": TRAIN, "methods": MapOf(lambda v, k: v), "evaluate": EVALUATE, "report": REPORT,
     "mine": MINE, "pair_runs": MapOf(PAIR_RUN, allow_empty=True),
-    # {run: [seed, ...]}: the training seeds of a run, each its own instance (see `instances`). Kept apart
-    # from the run's own entry, so adding a seed adds stages and leaves the trained seeds cached.
-    "seeds": MapOf(List(Int(0), min_len=1), allow_empty=True),
+    # the runs trained under several seeds, each seed its own instance (see `instances`). Kept apart from
+    # the runs' own entries, so adding a seed adds stages and leaves the trained seeds cached.
+    "seeds": Section({"values": List(Int(0), min_len=1), "runs": List(Str())}),
 }
 
 
@@ -110,13 +110,13 @@ def validate(raw: dict, methods=None) -> dict:
         if run in p["runs"]:
             raise ParamError(f"pair_runs.{run}: the name is already a run under runs (run names must be unique across runs and pair_runs)")
     every_run = [*p["runs"], *p["pair_runs"]]
-    for run in p.get("seeds", {}):
+    for run in p.get("seeds", {}).get("runs", []):
         if run not in every_run:
-            raise ParamError(f"seeds.{run}: not a run under runs or pair_runs (have: {', '.join(every_run)})")
+            raise ParamError(f"seeds.runs: {run!r} is not a run under runs or pair_runs (have: {', '.join(every_run)})")
     seen: dict[str, str] = {}
     for name, inst in instances(p).items():
         if name in seen or (name != inst["run"] and name in every_run):
-            raise ParamError(f"seeds.{inst['run']}: instance {name!r} clashes with a run of that name")
+            raise ParamError(f"seeds.runs: {inst['run']}'s instance {name!r} clashes with a run of that name")
         seen[name] = inst["run"]
     for run, base in p["report"].get("beside", {}).items():
         for key, name in ((f"report.beside.{run}", run), (f"report.beside.{run}", base)):
@@ -172,14 +172,15 @@ def instance_name(run: str, seed: int, default_seed: int) -> str:
 def instances(p: dict) -> dict[str, dict]:
     """{instance: {"run", "section", "seed"}}: every run of `runs:` / `pair_runs:` once per training seed.
 
-    A run not under `seeds:` trains once, under the global `seed`. Each instance is its own pretrain /
+    A run listed in `seeds.runs` trains once per seed of `seeds.values`; any other run once, under the global `seed`. Each instance is its own pretrain /
     features / evaluate stages and artifacts; all of them read the run's params, so `dvc exp run -S
     runs.<run>.<key>=...` retrains every seed of the run.
     """
     out = {}
     for section in RUN_SECTIONS:
         for run, spec in p.get(section, {}).items():
-            for seed in p.get("seeds", {}).get(run, [p["seed"]]):
+            seeds = p["seeds"]["values"] if run in p.get("seeds", {}).get("runs", []) else [p["seed"]]
+            for seed in seeds:
                 out[instance_name(run, seed, p["seed"])] = {"run": run, "section": section, "seed": seed}
     return out
 

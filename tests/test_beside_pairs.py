@@ -30,14 +30,11 @@ ALLOWED = {
         "train.lr": "the loss sums 2n Barlow Twins terms: the lr keeps the step on Barlow Twins' scale",
     },
     ("gsssl-simclr", "simclr"): {"groups": "multi-patch grouping (GSSSL Table 5)"},
-    ("gsssl-mocov2", "mocov2"): {
-        "groups": "multi-patch grouping (GSSSL Table 5)",
-        "symmetric": "CPU budget: symmetric with 2n patches costs ~3.2x a SimCLR step (profiles/cpu.yaml)",
-    },
-    **dict.fromkeys((("pwself", "dino-vit"), ("pwself-16ep", "dino-vit-16ep")), {
+    ("gsssl-mocov2", "mocov2"): {"groups": "multi-patch grouping (GSSSL Table 5)"},
+    ("pwself", "dino-vit"): {
         **dict.fromkeys(("loss", "lambd"), "the patch-wise loss (§3.5, eqs. 8-10)"),
         "patch_augment": "patch-level augmentation (§3.3)",
-    }),
+    },
 }
 
 

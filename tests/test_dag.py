@@ -102,7 +102,7 @@ def test_seeds_are_instances_reading_their_runs_params():
     from pipeline.profile import resolve
 
     raw = resolve("cpu")
-    raw["seeds"] = {"simclr": [0, 1, 2]}
+    raw["seeds"] = {"values": [0, 1, 2], "runs": ["simclr"]}
     p = P.validate(raw)
     stages = dag.stages(p)
     for name in ("simclr", "simclr-s1", "simclr-s2"):
@@ -112,8 +112,8 @@ def test_seeds_are_instances_reading_their_runs_params():
     # the list of seeds is not a dependency of any trained seed: adding one leaves the others cached
     assert not any("seeds" in st.get("params", []) for n, st in stages.items() if n != "report")
     assert P.for_instance(p, "simclr-s2")["seed"] == 2 and P.for_instance(p, "simclr")["seed"] == 0
-    raw["seeds"] = {"nope": [1]}
-    with pytest.raises(P.ParamError, match="seeds.nope: not a run"):
+    raw["seeds"] = {"values": [1], "runs": ["nope"]}
+    with pytest.raises(P.ParamError, match="seeds.runs: 'nope' is not a run"):
         P.validate(raw)
 
 
