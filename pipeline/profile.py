@@ -27,7 +27,25 @@ def resolve(name: str, seen: tuple = ()) -> dict:
         raise ParamError(f"profile {name!r}: extends itself through {' -> '.join(seen)}")
     raw = yaml.safe_load(path.read_text()) or {}
     base = raw.pop("extends", None)
-    return deep_merge(resolve(base, seen + (name,)), raw) if base else raw
+    keep = raw.pop("keep_runs", None)
+    merged = deep_merge(resolve(base, seen + (name,)), raw) if base else raw
+    return _keep_runs(merged, keep, name) if keep is not None else merged
+
+
+def _keep_runs(p: dict, keep: list, name: str) -> dict:
+    """`keep_runs: [...]`: a profile that trains a few of its base's runs drops the others (and their pairs in
+    report.beside and seeds.runs) without naming each of them, so it cannot drift as the base gains runs."""
+    have = {*p.get("runs", {}), *(p.get("pair_runs") or {})}
+    unknown = [r for r in keep if r not in have]
+    if unknown:
+        raise ParamError(f"profile {name}: keep_runs: {unknown} not among the runs of what it extends")
+    p["runs"] = {r: spec for r, spec in p["runs"].items() if r in keep}
+    p["pair_runs"] = {r: spec for r, spec in (p.get("pair_runs") or {}).items() if r in keep}
+    if "beside" in p.get("report", {}):
+        p["report"]["beside"] = {r: b for r, b in p["report"]["beside"].items() if r in keep and b in keep}
+    if "seeds" in p:
+        p["seeds"]["runs"] = [r for r in p["seeds"]["runs"] if r in keep]
+    return p
 
 
 def render(name: str) -> str:

@@ -158,3 +158,13 @@ def test_origin_root_sees_through_dvc_temp_copies(tmp_path):
     copy.mkdir(parents=True)
     assert origin_root(copy) == (tmp_path / "proj").resolve()
     assert origin_root(tmp_path) == tmp_path.resolve()
+
+
+def test_quick_profile_keeps_one_run_and_its_floor():
+    from pipeline.profile import resolve
+
+    p = P.validate(resolve("quick"))
+    assert set(P.instances(p)) == {"simclr", "random-resnet18_w16"}
+    assert p["pair_runs"] == {} and p["report"]["beside"] == {} and p["seeds"]["runs"] == []
+    assert set(dag.stages(p)) == {"shard", "mine", "report", *(f"{s}.{r}" for s in ("pretrain", "features", "evaluate")
+                                                               for r in ("simclr", "random-resnet18_w16"))}

@@ -385,7 +385,7 @@ def test_trainer_smoke_and_resume_match_uninterrupted_run(tmp_path, shard_dir):
     from pipeline.train.trainer import train
 
     p = tiny_params(**{"dataset.name": "tiny", "train.batch_size": 8, "train.num_workers": 0,
-                       "train.checkpoint_every": 2, "train.epochs": 2})
+                       "train.checkpoint_every": 2, "runs.pwself.overrides.train.epochs": 2})
     assert p["methods"]["pwself"]["patch_augment"] and p["runs"]["pwself"]["backbone"] == "vit_tiny_p8"
     full, cut = project(tmp_path, "full", shard_dir), project(tmp_path, "cut", shard_dir)
     summary = train(p, "pwself", root=full)

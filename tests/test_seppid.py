@@ -314,6 +314,7 @@ def test_pair_runs_resolve_like_runs_and_may_be_empty():
     with pytest.raises(ParamError, match="no such run under runs or pair_runs"):
         method_config(v, "nope")
     p["pair_runs"] = {}
+    p["seeds"]["runs"] = [r for r in p["seeds"]["runs"] if r in p["runs"]]   # seeds name runs that exist
     assert validate(p)["pair_runs"] == {}
 
 
@@ -341,7 +342,7 @@ def test_report_puts_pair_runs_beside_their_base_with_pair_stats(tmp_path, monke
     with pytest.raises(DataError, match=r"pretrain/seppid-mocov2\.json: pairs 'semantic' does not match pair_runs\.seppid-mocov2\.pairs 'random'"):
         rb.build(tmp_path, runs, "cifar10", "T", pair_runs={**pair_runs, "seppid-mocov2": {**pair_runs["seppid-mocov2"], "pairs": "random"}})
     md = (tmp_path / "reports/report.md").read_text()
-    header, *rows = [r for r in _rows(md, "Our results")]
+    header, *rows = [r for r in _rows(md, "kNN accuracy")]
     assert [r[0] for r in rows] == ["mocov2", "seppid-mocov2", "seppid-random", "random-r18", "simclr"]
     by = {r[0]: dict(zip(header, r)) for r in rows}
     assert by["seppid-mocov2"]["pairs (n)"] == "semantic (321)" and by["seppid-mocov2"]["pair acc."] == "65.4%"
@@ -352,7 +353,7 @@ def test_report_puts_pair_runs_beside_their_base_with_pair_stats(tmp_path, monke
     header, *mined = _rows(md, "SePP-ID: mined pairs")
     assert mined[0][header.index("pairs")] == "321" and mined[0][header.index("pair accuracy")] == "65.4%"
     assert "(figures/similarity.png)" in md and (tmp_path / "reports/figures/similarity.png").read_bytes().startswith(b"\x89PNG")
-    header, *refs = _rows(md, "Papers' reference numbers")
+    header, *refs = _rows(md, "Appendix: Papers' reference numbers")
     seppid_refs = [dict(zip(header, r)) for r in refs if r[0] == "seppid"]
     # SePP-ID's CIFAR-10 rows (its Table 7), with their setting
     assert {(r["backbone"], r["epochs"], r["top-1 (%)"]) for r in seppid_refs} >= {("resnet18", "800", "77.46")}
