@@ -11,7 +11,7 @@ from pipeline.data.eval_view import DEFAULT_CROP_RATIO
 from pipeline.data.shards import read_manifest
 from pipeline.eval.features import extract_features_to
 from pipeline.models.encoder_io import load_encoder
-from pipeline.train import dist
+from pipeline import dist
 from pipeline.utils import pick_device
 
 

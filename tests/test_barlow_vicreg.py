@@ -204,7 +204,7 @@ def plain_all_reduce(x):
 
 def _ddp_worker(rank, port, out):
     _init(rank, port)
-    import pipeline.train.dist as pdist
+    import pipeline.dist as pdist
 
     views = full_batch()
     b = views[0].shape[0] // WORLD

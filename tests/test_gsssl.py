@@ -382,7 +382,7 @@ def patch_inputs(b=8):
 
 def _ddp_worker(rank, port, out):
     _init(rank, port)
-    import pipeline.train.dist as pdist
+    import pipeline.dist as pdist
 
     xa, xb = patch_inputs()
     b = xa.shape[1] // WORLD
@@ -486,7 +486,7 @@ def test_trainer_resume_reproduces_the_patch_draws(tmp_path, shard_dir):
 
 
 def test_patch_draws_are_resumable_and_differ_between_ranks(monkeypatch):
-    import pipeline.train.dist as pdist
+    import pipeline.dist as pdist
 
     torch.manual_seed(0)
     g = PatchGroups(n=2, size=5)

@@ -34,7 +34,7 @@ from pipeline.data.device_augment import ViewAugment
 from pipeline.data.shards import (TarIndex, image_of, index_of_key, pair_info, pair_shard_paths, read_meta,
                                   read_pair_meta, shard_paths)
 from pipeline.data.views import View, ViewSpec
-from pipeline.params import DataError
+from pipeline.errors import DataError
 from pipeline.utils import mix_seed as _mix
 
 
@@ -72,7 +72,7 @@ class Batch:
 def batches_per_epoch(n_samples: int, batch_size: int) -> int:
     n = n_samples // batch_size
     if n == 0:
-        from pipeline.params import ParamError
+        from pipeline.errors import ParamError
 
         raise ParamError(f"train.batch_size: {batch_size} is larger than the {n_samples} training images")
     return n

@@ -27,7 +27,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from pipeline.data.sources import Record, Source, check_record, decode_rgb
-from pipeline.params import DataError
+from pipeline.errors import DataError
 
 SPLITS = ("train", "test")
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp", "bmp", "ppm")

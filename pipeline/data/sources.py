@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 from PIL import Image
 
-from pipeline.params import DataError, ParamError
+from pipeline.errors import DataError, ParamError
 
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".bmp": "bmp", ".webp": "webp", ".ppm": "ppm"}
 

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from pipeline.data.eval_view import DEFAULT_CROP_RATIO, eval_transform
 from pipeline.data.shards import group_samples, image_of, read_manifest
-from pipeline.params import DataError
-from pipeline.train import dist
+from pipeline.errors import DataError
+from pipeline import dist
 from pipeline.utils import atomic_write_with
 
 

@@ -21,7 +21,7 @@ from pipeline.data.views import ViewSpec
 from pipeline.methods.memory import KeyQueue
 from pipeline.methods.shuffle_bn import shuffled_encode
 from pipeline.models.heads import mlp
-from pipeline.params import Float, Int, List, Validator
+from pipeline.schema import Float, Int, List, Validator
 
 
 class Method(nn.Module):

@@ -17,7 +17,7 @@ from pipeline.methods.base import (ProjectorMethod, cosine_momentum, momentum_co
                                    two_view_params)
 from pipeline.methods.registry import register
 from pipeline.models.heads import mlp
-from pipeline.params import Float, Int
+from pipeline.schema import Float, Int
 
 
 @register("byol")

@@ -26,8 +26,8 @@ from pipeline.data.views import ViewSpec
 from pipeline.losses.distillation import dino_loss, ema_center, teacher_probs
 from pipeline.methods.base import Method, cosine_momentum, momentum_copy, temperature_param
 from pipeline.methods.registry import register
-from pipeline.params import Bool, Float, Int, List, Range01
-from pipeline.train import dist
+from pipeline.schema import Bool, Float, Int, List, Range01
+from pipeline import dist
 
 
 class WeightNormLinear(nn.Module):

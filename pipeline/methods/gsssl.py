@@ -32,8 +32,9 @@ from pipeline.losses.triplet import rank_k_triplet
 from pipeline.methods.base import ProjectorMethod, projector_params, two_view_params
 from pipeline.methods.patch_groups import PatchGroups, group_params
 from pipeline.methods.registry import register
-from pipeline.params import Float, Int, ParamError
-from pipeline.train import dist
+from pipeline.errors import ParamError
+from pipeline.schema import Float, Int
+from pipeline import dist
 
 
 def gsssl_loss(z: torch.Tensor, w: torch.Tensor, lambd: float, k: int, margin: float, triplet_weight: float

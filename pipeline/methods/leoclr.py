@@ -22,8 +22,8 @@ from pipeline.losses.contrastive import info_nce_batch, info_nce_queue
 from pipeline.methods.base import MomentumContrast, projector_params, temperature_param
 from pipeline.methods.registry import register
 from pipeline.methods.shuffle_bn import SHUFFLE_BN_DEFAULTS, shuffle_bn_params
-from pipeline.params import Float, Int, Str
-from pipeline.train import dist
+from pipeline.schema import Float, Int, Str
+from pipeline import dist
 
 VARIANTS = ("momentum", "end_to_end")
 

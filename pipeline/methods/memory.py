@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.train import dist
+from pipeline import dist
 
 
 class KeyQueue(nn.Module):

@@ -24,7 +24,7 @@ from pipeline.methods.base import MomentumContrast, projector_params, temperatur
 from pipeline.methods.patch_groups import PatchGroups, encode_patches, group_params
 from pipeline.methods.registry import register
 from pipeline.methods.shuffle_bn import SHUFFLE_BN_DEFAULTS, shuffle_bn_params
-from pipeline.params import Bool, Float, Int
+from pipeline.schema import Bool, Float, Int
 
 
 @register("mocov2")

@@ -22,8 +22,8 @@ from pipeline.methods.base import ProjectorMethod, projector_params, temperature
 from pipeline.methods.memory import SupportSet, nearest_neighbour
 from pipeline.methods.registry import register
 from pipeline.models.heads import mlp
-from pipeline.params import Int
-from pipeline.train import dist
+from pipeline.schema import Int
+from pipeline import dist
 
 
 @register("nnclr")

@@ -26,8 +26,9 @@ from torch import nn
 
 from pipeline.data.patch_augment import PatchAugment
 from pipeline.data.patch_crops import min_overlapping_size, random_patches
-from pipeline.params import Float, Int, List, ParamError, Section, Str, Validator
-from pipeline.train import dist
+from pipeline.errors import ParamError
+from pipeline.schema import Float, Int, List, Section, Str, Validator
+from pipeline import dist
 
 PAIRINGS = ("patch_to_mean", "mean_to_mean")
 

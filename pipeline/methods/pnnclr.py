@@ -37,8 +37,8 @@ from pipeline.methods.base import (ProjectorMethod, momentum_copy, projector_par
                                    two_view_params)
 from pipeline.methods.memory import SupportSet, nearest_neighbour
 from pipeline.methods.registry import register
-from pipeline.params import Bool, Float, Int
-from pipeline.train import dist
+from pipeline.schema import Bool, Float, Int
+from pipeline import dist
 from pipeline.utils import mix_seed
 
 

@@ -48,8 +48,9 @@ from pipeline.losses.distillation import (PATCH_AGGREGATIONS, ema_center, patch_
                                           teacher_probs)
 from pipeline.methods.dino import DINO, collapse_diagnostics
 from pipeline.methods.registry import register
-from pipeline.params import Bool, Float, ParamError, Str
-from pipeline.train import dist
+from pipeline.errors import ParamError
+from pipeline.schema import Bool, Float, Str
+from pipeline import dist
 
 
 def _with_cls(idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.params import Bool, Int, Validator
-from pipeline.train import dist
+from pipeline.schema import Bool, Int, Validator
+from pipeline import dist
 
 SEED = 20_200_313  # base of the permutation seeds (any constant: only its sameness across ranks matters)
 

@@ -20,7 +20,7 @@ from pipeline.losses.contrastive import nt_xent
 from pipeline.methods.base import ProjectorMethod, projector_params, temperature_param
 from pipeline.methods.patch_groups import PatchGroups, group_params
 from pipeline.methods.registry import register
-from pipeline.train import dist
+from pipeline import dist
 
 
 def nt_xent_global(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

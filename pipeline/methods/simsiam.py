@@ -18,7 +18,7 @@ from pipeline.losses.predictive import negative_cosine
 from pipeline.methods.base import ProjectorMethod, projector_params
 from pipeline.methods.registry import register
 from pipeline.models.heads import mlp
-from pipeline.params import Int
+from pipeline.schema import Int
 
 
 @register("simsiam")

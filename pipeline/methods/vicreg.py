@@ -13,8 +13,8 @@ from __future__ import annotations
 from pipeline.losses.redundancy import vicreg_terms
 from pipeline.methods.base import ProjectorMethod, projector_params, two_view_params
 from pipeline.methods.registry import register
-from pipeline.params import Float
-from pipeline.train import dist
+from pipeline.schema import Float
+from pipeline import dist
 
 
 @register("vicreg")

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.params import DataError
+from pipeline.errors import DataError
 from pipeline.utils import atomic_write_bytes
 
 COLUMNS = ("anchor", "positive", "similarity")

@@ -30,7 +30,7 @@ from pipeline.eval.features import extract_features
 from pipeline.mining.io import write_pairs
 from pipeline.mining.pairs import mine_pairs, pair_metrics, random_pairs
 from pipeline.models.encoder_io import load_encoder, load_head
-from pipeline.params import DataError, ParamError
+from pipeline.errors import DataError, ParamError
 from pipeline.utils import pick_device
 
 HIST_BINS = 20

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline import paths as layout
-from pipeline.train import dist
+from pipeline import dist
 from pipeline.utils import atomic_torch_save
 
 

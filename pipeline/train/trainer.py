@@ -26,7 +26,7 @@ from pipeline.methods import registry
 from pipeline.models.backbones import build_backbone
 from pipeline.errors import ParamError, PipelineError
 from pipeline.params import base_run, method_config, run_spec
-from pipeline.train import dist
+from pipeline import dist
 from pipeline.train.checkpoint import Checkpointer, Progress, RunPaths, fingerprint, seed_everything
 from pipeline.train.optim import build_optimizer, cosine_ramp, lr_at, peak_lr, set_lr, set_weight_decay
 from pipeline.utils import atomic_write_json, atomic_write_text, pick_device
