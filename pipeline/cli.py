@@ -20,7 +20,7 @@ IMPORT_LOG = "SSLPIPE_IMPORT_LOG"
 
 
 def params_and_run(argv: list[str], stage: str) -> tuple[dict, str]:
-    """Validated params of the one run instance a per-run stage was given, under that instance's seed.
+    """Validated params and the one run instance a per-run stage was given (`params.training_seed` gives its seed).
 
     Only the pretrain stage validates (and so imports) its method's file: features and evaluate read no
     method code, and neither stage loads any other method's.
@@ -32,7 +32,8 @@ def params_and_run(argv: list[str], stage: str) -> tuple[dict, str]:
     spec = params.run_spec(p, name)
     if stage == "pretrain":
         p = params.load(methods=(spec["method"],))
-    return params.for_instance(p, name), name
+    params.training_seed(p, name)   # an unknown name fails here, before any compute
+    return p, name
 
 
 def _log_imports(log_dir: str) -> None:

@@ -203,14 +203,14 @@ def base_run(p: dict, name: str) -> str:
     return inst["run"] if inst else name
 
 
-def for_instance(p: dict, name: str) -> dict:
-    """The params one instance trains and evaluates with: its run's, under the instance's seed."""
-    inst = instances(p).get(name)
-    if inst is None:
-        run_spec(p, name)   # raises, naming the known runs
-    out = dict(p)
-    out["seed"] = inst["seed"]
-    return out
+def training_seed(p: dict, name: str) -> int:
+    """The seed a run instance trains (and draws its evaluation splits) under; the global `seed` for a plain run."""
+    insts = instances(p)
+    if name not in insts:
+        run_spec(p, name)   # raises for an unknown name; a known run is not trained under the global seed
+        raise ParamError(f"{name}: not trained under seed {p['seed']} (its instances: "
+                         f"{', '.join(n for n, i in insts.items() if i['run'] == name)})")
+    return insts[name]["seed"]
 
 
 def method_config(p: dict, run: str) -> tuple[str, dict, dict, dict]:

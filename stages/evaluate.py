@@ -39,11 +39,11 @@ def evaluate_run(p: dict, name: str, feat_dir: Path, metrics_path: Path, predict
     if train[0].shape[1] != test[0].shape[1]:
         raise params.DataError(f"{feat_dir}: train and test features differ in width "
                                f"({train[0].shape[1]} vs {test[0].shape[1]}); rerun: dvc repro -f features.{name}")
-    spec = params.run_spec(p, name)
-    metrics, preds = evaluate_features(train, test, p["evaluate"], seed=p["seed"], return_predictions=True)
+    spec, seed = params.run_spec(p, name), params.training_seed(p, name)
+    metrics, preds = evaluate_features(train, test, p["evaluate"], seed=seed, return_predictions=True)
     write_predictions(predictions_path, test[1], preds)
     atomic_write_json({"run": name, "method": spec["method"], "backbone": spec["backbone"],
-                       "base_run": params.base_run(p, name), "seed": p["seed"],
+                       "base_run": params.base_run(p, name), "seed": seed,
                        **metrics}, metrics_path)
     return metrics
 

@@ -111,7 +111,8 @@ def test_seeds_are_instances_reading_their_runs_params():
         assert f"data/models/{name}/encoder.pt" in stages[f"features.{name}"]["deps"]
     # the list of seeds is not a dependency of any trained seed: adding one leaves the others cached
     assert not any("seeds" in st.get("params", []) for n, st in stages.items() if n != "report")
-    assert P.for_instance(p, "simclr-s2")["seed"] == 2 and P.for_instance(p, "simclr")["seed"] == 0
+    assert P.training_seed(p, "simclr-s2") == 2 and P.training_seed(p, "simclr") == 0
+    assert P.base_run(p, "simclr-s2") == "simclr" and P.run_spec(p, "simclr-s2") == p["runs"]["simclr"]
     raw["seeds"] = {"values": [1], "runs": ["nope"]}
     with pytest.raises(P.ParamError, match="seeds.runs: 'nope' is not a run"):
         P.validate(raw)

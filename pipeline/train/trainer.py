@@ -25,7 +25,7 @@ from pipeline.data.shards import read_meta, read_pair_meta
 from pipeline.methods import registry
 from pipeline.models.backbones import build_backbone
 from pipeline.errors import ParamError, PipelineError
-from pipeline.params import base_run, method_config, run_spec
+from pipeline.params import base_run, method_config, run_spec, training_seed
 from pipeline import dist
 from pipeline.train.checkpoint import Checkpointer, Progress, RunPaths, fingerprint, seed_everything
 from pipeline.train.optim import build_optimizer, cosine_ramp, lr_at, peak_lr, set_lr, set_weight_decay
@@ -49,11 +49,11 @@ def build_method(p: dict, run: str) -> tuple[nn.Module, dict, dict]:
     return method, train, backbone_cfg
 
 
-def build_stream(p: dict, train_cfg: dict, method, paths: RunPaths, meta: dict) -> ShardStream:
-    """This rank's training stream (the loader engineer's side of the contract: construction only here)."""
+def build_stream(p: dict, train_cfg: dict, method, paths: RunPaths, meta: dict, seed: int) -> ShardStream:
+    """This rank's training stream: the data order and augmentation of training seed `seed`."""
     world, rank = dist.world_size(), dist.rank()
     return ShardStream(paths.shards, method.views(), p["dataset"]["mean"], p["dataset"]["std"],
-                       train_cfg["batch_size"] // world, meta["counts"]["train"], train_cfg["batch_size"], p["seed"],
+                       train_cfg["batch_size"] // world, meta["counts"]["train"], train_cfg["batch_size"], seed,
                        rank, world, subset=train_cfg["train_subset"], pairs_dir=paths.pairs)
 
 
@@ -189,7 +189,8 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
     device = pick_device()
     spec = run_spec(p, run)
     paths = paths or RunPaths.for_run(root, p["dataset"]["name"], run, spec.get("pairs"))
-    seed_everything(p["seed"])
+    seed = training_seed(p, run)   # a run instance's own seed (`simclr-s1`: 1)
+    seed_everything(seed)
     method, train_cfg, backbone_cfg = build_method(p, run)
     world = dist.world_size()
     image_size = p["dataset"]["image_size"]
@@ -197,7 +198,7 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
         raise PipelineError(f"{paths.shards}: no shards (run the shard stage first: dvc repro shard)")
     meta = read_meta(paths.shards)
     trains = getattr(method, "TRAINS", True) and train_cfg["epochs"] > 0
-    summary = {"run": run, "base_run": base_run(p, run), "seed": p["seed"], "method": spec["method"], "backbone": spec["backbone"],
+    summary = {"run": run, "base_run": base_run(p, run), "seed": seed, "method": spec["method"], "backbone": spec["backbone"],
                "device": device.type, "world_size": world, "epochs": train_cfg["epochs"] if trains else 0}
     pairs_meta = None
     if paths.pairs is not None:  # SePP-ID: the originals plus a pair set of the mine stage
@@ -208,7 +209,7 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
     if train_cfg["batch_size"] % world:
         raise ParamError(f"train.batch_size: {train_cfg['batch_size']} is not divisible by the {world} ranks")
 
-    stream = build_stream(p, train_cfg, method, paths, meta)
+    stream = build_stream(p, train_cfg, method, paths, meta, seed)
     steps_per_epoch, epochs = stream.steps, train_cfg["epochs"]
     total_steps = steps_per_epoch * epochs
     warmup = int(round(train_cfg["warmup_epochs"] * steps_per_epoch))
@@ -223,7 +224,7 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
 
     # the method's merged settings (its block + the run's overrides): a changed override must not resume
     fp_parts = [summary["method"], method.cfg, {k: v for k, v in train_cfg.items() if k not in _RUNTIME_KEYS},
-                backbone_cfg, p["augment"], p["dataset"], p["seed"], world]
+                backbone_cfg, p["augment"], p["dataset"], seed, world]
     if pairs_meta is not None:  # other pairs (mine params changed): other training data, no resume
         fp_parts.append({"pairs": spec["pairs"], "digest": pairs_meta["digest"]})
     checkpoints = Checkpointer(paths.checkpoint, fingerprint(*fp_parts), run)
