@@ -42,7 +42,8 @@ def _log_imports(log_dir: str) -> None:
     files = set()
     for mod in list(sys.modules.values()):
         f = getattr(mod, "__file__", None)
-        if f and Path(f).resolve().is_relative_to(root):
+        # some extension modules report a bare file name (torch._classes): only real paths count
+        if f and os.path.isabs(f) and Path(f).resolve().is_relative_to(root):
             files.add(Path(f).resolve().relative_to(root).as_posix())
     path.write_text("\n".join(sorted(files)) + "\n")
 
