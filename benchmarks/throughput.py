@@ -15,7 +15,9 @@ Reported: ours / bare (target >= 0.90 on CPU) and loader / ours (target >= 3).
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +33,8 @@ from pipeline.data.shards import read_meta  # noqa: E402
 from pipeline.train.optim import build_optimizer  # noqa: E402
 from pipeline.train.trainer import build_method, train_step  # noqa: E402
 from pipeline.utils import atomic_write_json, pick_device  # noqa: E402
+
+ROUNDS = 5   # alternating (ours, bare) timing rounds
 
 # which views a method's backbone trains through (fwd+bwd) and which only a momentum encoder sees (fwd)
 PASSES = {"simclr": lambda c: (2, 0), "mocov2": lambda c: (2 if c["symmetric"] else 1, 2 if c["symmetric"] else 1)}
@@ -61,23 +65,27 @@ def bench_run(p: dict, run: str, steps: int, shard_dir: Path) -> dict:
         stream.start_at(0, 0, 10**6)        # one loader for the whole benchmark, as the trainer does
         return iter(make_loader(stream, train_cfg["num_workers"], pin_memory=device.type == "cuda"))
 
-    # loader alone
+    # loader alone (its workers are shut down before the step is timed, so they take no CPU from it)
     loading = batches()
     loader_s = timed(lambda: next(loading), steps)
+    del loading
+    gc.collect()
 
-    # ours: the trainer's step on batches streamed by the real loader
+    # ours: the trainer's step on batches streamed by the real loader; bare: the backbone's passes on one
+    # kept batch (in memory: no loading). Timed in alternating rounds, so drift of the machine's speed
+    # (other processes, thermal) reaches both alike; the ratio is the median over rounds.
     opt = build_optimizer(method.param_groups(), train_cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     method.train()
     training = batches()
-    ours_s = timed(lambda: train_step(method, method, opt, scaler, next(training).to(device), None, 0.0, 0.5), steps)
     kept = next(training).to(device)
-
-    # bare backbone: the same passes on the same views (in memory: no loading)
     fb, fwd_only = PASSES[name](method.cfg)
     bb = method.backbone
     key_bb = getattr(method, "key_backbone", bb)
     views = kept.views
+
+    def ours():
+        train_step(method, method, opt, scaler, next(training).to(device), None, 0.0, 0.5)
 
     def bare():
         bb.zero_grad(set_to_none=True)
@@ -87,12 +95,18 @@ def bench_run(p: dict, run: str, steps: int, shard_dir: Path) -> dict:
             for i in range(fwd_only):
                 key_bb(views[(i + 1) % n_views])
 
-    bare_s = timed(bare, steps)
+    per_round = max(1, steps // ROUNDS)
+    rounds = [(timed(ours, per_round, warmup=2 if r == 0 else 0), timed(bare, per_round, warmup=1 if r == 0 else 0))
+              for r in range(ROUNDS)]
+    ours_s = statistics.median(o for o, _ in rounds)
+    bare_s = statistics.median(b for _, b in rounds)
+    ratio = statistics.median(b / o for o, b in rounds)
     vps = lambda s: n_views * bs / s  # noqa: E731
     return {"run": run, "method": name, "batch_size": bs, "views_per_step": n_views * bs,
             "passes": {"forward_backward": fb, "forward_only": fwd_only}, "num_workers": train_cfg["num_workers"],
             "ours_views_per_s": vps(ours_s), "bare_views_per_s": vps(bare_s), "loader_views_per_s": vps(loader_s),
-            "ratio_ours_over_bare": bare_s / ours_s, "ratio_loader_over_ours": ours_s / loader_s}
+            "ratio_ours_over_bare": ratio, "ratio_per_round": [b / o for o, b in rounds], "rounds": ROUNDS,
+            "ratio_loader_over_ours": ours_s / loader_s}
 
 
 def synthetic_shards(root: Path, size: int, n: int = 160) -> Path:
@@ -117,7 +131,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--runs", nargs="*", default=["simclr", "mocov2"])
-    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=25, help="timed steps of each kind, over the rounds")
     ap.add_argument("--out", default="benchmarks/results/throughput-cpu.json")
     ap.add_argument("--quick", action="store_true", help="synthetic shards, 2 steps, batch 32, nothing written")
     a = ap.parse_args()
