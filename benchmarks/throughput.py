@@ -66,9 +66,11 @@ def bench_run(p: dict, run: str, steps: int, shard_dir: Path) -> dict:
         return iter(make_loader(stream, train_cfg["num_workers"], pin_memory=device.type == "cuda"))
 
     # loader alone (its workers are shut down before the step is timed, so they take no CPU from it)
-    loading = batches()
-    loader_s = timed(lambda: next(loading), steps)
-    del loading
+    def loader_alone() -> float:
+        loading = batches()
+        return timed(lambda: next(loading), steps)
+
+    loader_s = loader_alone()
     gc.collect()
 
     # ours: the trainer's step on batches streamed by the real loader; bare: the backbone's passes on one

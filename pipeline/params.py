@@ -12,7 +12,7 @@ import yaml
 
 from pipeline.errors import DataError, ParamError, PipelineError  # noqa: F401  (re-exported)
 from pipeline.schema import (  # noqa: F401  (re-exported: method files declared their PARAMS with these)
-    Bool, Float, Int, List, MapOf, Range01, Section, Str, Validator, _fail, _join)
+    Bool, Float, Int, List, MapOf, Range01, Section, Str, Validator)
 
 
 # --- the schema ------------------------------------------------------------------------------------

@@ -8,6 +8,21 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+# what a project copy needs to run `dvc repro` (params.yaml and dvc.yaml are rendered in the copy)
+PROJECT_FILES = ["pipeline", "stages", "profiles", ".dvc/config", ".dvcignore", ".gitignore"]
+
+
+def copy_project(dst: Path) -> Path:
+    """The project's code and profiles in `dst` (no data, no reports, no bytecode), for end-to-end runs."""
+    import shutil
+
+    for item in PROJECT_FILES:
+        src = ROOT / item
+        (dst / item).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / item)
+    for p in list(dst.rglob("__pycache__")):
+        shutil.rmtree(p)
+    return dst
 
 
 def make_imagefolder(root: Path, n_per_class: int = 8, classes=("a", "b", "c"), size: int = 32, seed: int = 0) -> Path:

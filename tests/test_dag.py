@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline import dag
 from pipeline import params as P

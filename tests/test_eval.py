@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 import pyarrow.parquet as pq
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.data.shards import iter_split, read_manifest
-from pipeline.data.views import eval_transform
+from pipeline.data.eval_view import eval_transform
 from pipeline.models.encoder_io import load_encoder
 from pipeline.params import ParamError
 from pipeline.report import build as rb

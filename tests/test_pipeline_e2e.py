@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_project
 
 CIFAR = ROOT.parent / "shared/datasets/cifar10-jpg"
-COPY = ["pipeline", "stages", "profiles", ".dvc/config", ".dvcignore", ".gitignore"]
 
 
 def sh(cmd, cwd, check=True, env=None):
@@ -33,14 +31,7 @@ def project(tmp_path_factory):
     if not CIFAR.is_dir():
         pytest.skip(f"{CIFAR} not present")
     top = tmp_path_factory.mktemp("e2e")
-    dst = top / "proj"
-    dst.mkdir()
-    for item in COPY:
-        src = ROOT / item
-        (dst / item).parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / item)
-    for p in dst.rglob("__pycache__"):
-        shutil.rmtree(p)
+    dst = copy_project(top / "proj")
     # the data beside the project, as in a checkout: dataset.root stays the profile's relative path
     (top / "shared").mkdir()
     (top / "shared" / "datasets").symlink_to(CIFAR.parent)

@@ -18,7 +18,8 @@ import yaml
 from pipeline.data.loader import ShardStream
 from pipeline.data.shards import group_samples, iter_split, pair_info, read_manifest, write_pair_shards, write_shards
 from pipeline.data.sources import imagefolder as open_folder
-from pipeline.data.views import ViewSpec, eval_transform
+from pipeline.data.eval_view import eval_transform
+from pipeline.data.views import ViewSpec
 from pipeline.mining.io import read_pairs, read_pairs_meta
 from pipeline.mining.pairs import mine_pairs
 from pipeline.mining.sampler import choose_images, mine

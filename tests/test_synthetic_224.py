@@ -6,15 +6,14 @@ compute), one epoch of batch 6, a 12-key queue. The preset's 224-px views and au
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import yaml
 
 from pipeline.eval.features import load_features
 from pipeline.params import validate
-from tests.conftest import ROOT, make_imagefolder
-from tests.test_pipeline_e2e import COPY, sh
+from tests.conftest import copy_project, make_imagefolder
+from tests.test_pipeline_e2e import sh
 
 RUNS = ("mocov2-100ep", "mocov2", "leoclr")
 
@@ -42,14 +41,7 @@ def shrink(p: dict, root: str) -> dict:
 def project(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("synthetic224")
     images = make_imagefolder(tmp / "images", n_per_class=6, size=224)
-    dst = tmp / "proj"
-    dst.mkdir()
-    for item in COPY:
-        src = ROOT / item
-        (dst / item).parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / item)
-    for p in dst.rglob("__pycache__"):
-        shutil.rmtree(p)
+    dst = copy_project(tmp / "proj")
     sh("git init -q && python -m pipeline.profile imagenet1k", dst)
     params = shrink(yaml.safe_load((dst / "params.yaml").read_text()), str(images))
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

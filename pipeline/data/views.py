@@ -19,7 +19,6 @@ from PIL import Image
 
 from pipeline.data.patch_augment import PatchAugment
 # moved to eval_view (the features stage needs no training augmentation); re-exported for old importers
-from pipeline.data.eval_view import eval_transform  # noqa: F401
 
 RATIO = (3 / 4, 4 / 3)
 BLUR_SIGMA = (0.1, 2.0)     # SimCLR appendix A / BYOL
