@@ -131,9 +131,8 @@ def _pretrain(p: dict, name: str, inst: dict) -> dict:
     return {
         "cmd": f"{p['launcher']} -m stages.pretrain {name}",
         "deps": deps, "params": prm,
-        "metrics": [{paths.pretrain_metrics(name).as_posix(): {"cache": False}}],
-        # the curve is a plain output: the top-level `plots:` draws it, once, beside every other run's
-        "outs": [paths.encoder(name).as_posix(), {paths.curve(name).as_posix(): {"cache": False}}],
+        # every output cached (none in git): DVC's run-cache can then restore the whole stage
+        "outs": [paths.encoder(name).as_posix(), paths.train_summary(name).as_posix(), paths.train_curve(name).as_posix()],
     }
 
 
@@ -151,11 +150,15 @@ def _features(p: dict, name: str) -> dict:
 def _evaluate(p: dict, name: str, inst: dict) -> dict:
     return {
         "cmd": f"python -m stages.evaluate {name}",
-        "deps": code_deps("stages/evaluate.py") + [paths.features(name).as_posix()],
+        "deps": code_deps("stages/evaluate.py") + [paths.features(name).as_posix(), paths.train_summary(name).as_posix(),
+                                                   paths.train_curve(name).as_posix()],
         "params": ["seed", f"{inst['section']}.{inst['run']}.method", f"{inst['section']}.{inst['run']}.backbone",
                    *_keys(p, "evaluate", drop=("batch_size", "crop_ratio"))],
-        "metrics": [{paths.evaluate_metrics(name).as_posix(): {"cache": False}}],
-        "outs": [{paths.predictions(name).as_posix(): {"cache": False}}],
+        # the git-tracked record of the run: its evaluation, and the pretrain stage's summary and curve published
+        "metrics": [{paths.evaluate_metrics(name).as_posix(): {"cache": False}},
+                    {paths.pretrain_metrics(name).as_posix(): {"cache": False}}],
+        # the curve is a plain output: the top-level `plots:` draws it, once, beside every other run's
+        "outs": [{paths.predictions(name).as_posix(): {"cache": False}}, {paths.curve(name).as_posix(): {"cache": False}}],
     }
 
 

@@ -25,6 +25,17 @@ def encoder(run: str) -> Path:
     return DATA / "models" / run / "encoder.pt"
 
 
+def train_summary(run: str) -> Path:
+    """The pretrain stage's summary (steps, timings, monitor): cached with the encoder, so DVC's run-cache can
+    restore a whole pretrain stage; the evaluate stage publishes it as `pretrain_metrics(run)`."""
+    return DATA / "models" / run / "train.json"
+
+
+def train_curve(run: str) -> Path:
+    """The per-epoch curve of a pretrain stage (cached; published as `curve(run)`)."""
+    return DATA / "models" / run / "curve.csv"
+
+
 def checkpoints(run: str) -> Path:
     """Resume state: deliberately no DVC output, so a finished stage's outputs (and DVC's run-cache) hold none."""
     return DATA / "checkpoints" / run
@@ -43,6 +54,7 @@ def mine_metrics() -> Path:
 
 
 def pretrain_metrics(run: str) -> Path:
+    """Git-tracked copy of `train_summary(run)` (what `dvc metrics show` and the report read)."""
     return REPORTS / "metrics" / "pretrain" / f"{run}.json"
 
 
@@ -55,6 +67,7 @@ def predictions(run: str) -> Path:
 
 
 def curve(run: str) -> Path:
+    """Git-tracked copy of `train_curve(run)` (what `dvc plots` and the report read)."""
     return REPORTS / "plots" / "pretrain" / f"{run}.csv"
 
 

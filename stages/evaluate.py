@@ -15,7 +15,7 @@ from pipeline import params, paths
 from pipeline.cli import main, params_and_run
 from pipeline.eval.features import load_features
 from pipeline.eval.protocols import evaluate_features
-from pipeline.utils import atomic_write_json, atomic_write_with
+from pipeline.utils import atomic_write_bytes, atomic_write_json, atomic_write_with
 
 
 def predictions_table(labels: np.ndarray, preds: dict[str, np.ndarray]) -> pa.Table:
@@ -48,8 +48,18 @@ def evaluate_run(p: dict, name: str, feat_dir: Path, metrics_path: Path, predict
     return metrics
 
 
+def publish_training_record(name: str) -> None:
+    """Git-tracked copies of the pretrain stage's summary and curve (which DVC caches with the encoder, so
+    its run-cache can restore a whole pretrain stage): what `dvc metrics`, `dvc plots` and the report read."""
+    for src, dst in ((paths.train_summary(name), paths.pretrain_metrics(name)), (paths.train_curve(name), paths.curve(name))):
+        if not src.exists():
+            raise params.DataError(f"{src}: missing (run the pretrain stage first: dvc repro pretrain.{name})")
+        atomic_write_bytes(src.read_bytes(), dst)
+
+
 def run(argv):
     p, name = params_and_run(argv, "evaluate")
+    publish_training_record(name)
     metrics_path, predictions_path = paths.evaluate_metrics(name), paths.predictions(name)
     metrics = evaluate_run(p, name, paths.features(name), metrics_path, predictions_path)
     print(f"evaluate {name}: knn {metrics['knn']}, linear {metrics['linear']['top1']:.2f}% "

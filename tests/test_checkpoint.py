@@ -110,7 +110,7 @@ def test_monitor_runs_every_n_epochs_and_after_the_last(tmp_path, shard_dir):
     sparse = train(params(3, **{"train.knn_monitor": [20, 9], "train.knn_monitor_every": 2}), "simclr", root=root)
     k = every["knn_monitor"]
     assert sparse["knn_monitor"] == [k[0], None, k[2], k[3]]  # before, (skipped), epoch 2, the final epoch 3
-    curve = pd.read_csv(root / "reports/plots/pretrain/simclr.csv")
+    curve = pd.read_csv(root / "data/models/simclr/curve.csv")
     assert curve["knn_top1"].isna().tolist() == [True, False, False]
 
 
@@ -126,7 +126,7 @@ def test_identical_training_gives_a_byte_identical_encoder(tmp_path, shard_dir):
     assert first == (b / enc).read_bytes()
     state = torch.load(a / enc, weights_only=False)
     assert set(state["meta"]) == {"run", "method", "backbone", "epochs", "steps"} and state["meta"]["steps"] == 3
-    assert "wall_time_s" in json.loads((a / "reports/metrics/pretrain/simclr.json").read_text())  # timings live here
+    assert "wall_time_s" in json.loads((a / "data/models/simclr/train.json").read_text())  # timings live here
 
     # a rerun of the finished run resumes at its end and rewrites the same bytes; without the checkpoint
     # directory it trains again and still does

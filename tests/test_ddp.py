@@ -142,7 +142,7 @@ def test_trainer_runs_under_torchrun_style_ddp(tmp_path, shard_dir):
     mp.spawn(_trainer_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD)
     import json
 
-    summary = json.loads((tmp_path / "reports/metrics/pretrain/mocov2.json").read_text())
+    summary = json.loads((tmp_path / "data/models/mocov2/train.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 24 // 8  # 24 train images, global batch 8
     ck = torch.load(tmp_path / "data/checkpoints/mocov2/last.pt", weights_only=False)
     assert ck["progress"]["step"] == 3 and "queue.keys" in ck["method"]

@@ -85,11 +85,11 @@ def test_monitor_leaves_training_bit_identical_and_records_every_epoch(tmp_path,
     p = params(monitor=(20, 9))
     summary = train(p, "simclr", root=on)
     assert_same_state(final_state(off, "simclr"), final_state(on, "simclr"))
-    assert "knn_monitor" not in json.loads((off / "reports/metrics/pretrain/simclr.json").read_text())
+    assert "knn_monitor" not in json.loads((off / "data/models/simclr/train.json").read_text())
 
     knn = summary["knn_monitor"]
     assert len(knn) == 3 and summary["knn_monitor_images"] == [20, 9]  # before training + 2 epochs
-    curve = pd.read_csv(on / "reports/plots/pretrain/simclr.csv")
+    curve = pd.read_csv(on / "data/models/simclr/curve.csv")
     assert curve["knn_top1"].tolist() == knn[1:]
     encoder, _ = load_encoder(on / "data/models/simclr/encoder.pt")  # the last value measures the exported encoder
     assert knn[-1] == pytest.approx(hand_knn200(encoder, shard_dir, 20, 9, p["dataset"]["mean"], p["dataset"]["std"]))
@@ -110,7 +110,7 @@ def test_knn_monitor_param_is_checked():
 
 def test_report_has_convergence_table_for_monitored_runs(tmp_path):
     write_metrics(tmp_path)
-    path = tmp_path / "reports/metrics/pretrain/simclr.json"
+    path = tmp_path / "data/models/simclr/train.json"
     pre = json.loads(path.read_text())
     path.write_text(json.dumps({**pre, "knn_monitor": [22.5, 30.0, 35.25, 41.0], "knn_monitor_images": [100, 50]}))
     report = rb.build_report(tmp_path, RUNS, "cifar10", "t")

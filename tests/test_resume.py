@@ -103,7 +103,7 @@ def test_killed_process_resumes_from_its_checkpoint(tmp_path, shard_dir):
     ref = project(tmp_path, "ref", shard_dir)
     train(params(epochs), "mocov2", root=ref)
     assert_same_state(final_state(ref), final_state(proj))
-    assert json.loads((proj / "reports/metrics/pretrain/mocov2.json").read_text())["steps"] == 3 * epochs
+    assert json.loads((proj / "data/models/mocov2/train.json").read_text())["steps"] == 3 * epochs
 
 
 def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shard_dir, monkeypatch):

@@ -32,8 +32,8 @@ class RunPaths:
     pairs: Path | None       # SePP-ID: the mine stage's pair shards (read), None for plain runs
     encoder: Path            # final artifact: backbone (+ heads) for evaluation and mining
     checkpoint: Path         # full training state, for resume (outside the stage's DVC outputs)
-    metrics: Path            # summary JSON (dvc metrics)
-    curve: Path              # per-epoch CSV (dvc plots)
+    metrics: Path            # summary JSON (beside the encoder; the evaluate stage publishes it for dvc metrics)
+    curve: Path              # per-epoch CSV (beside the encoder; published for dvc plots)
 
     @classmethod
     def for_run(cls, root: Path, dataset: str, run: str, pairs: str | None = None) -> "RunPaths":
@@ -43,8 +43,8 @@ class RunPaths:
                    pairs=root / layout.pairs(dataset) / pairs if pairs else None,
                    encoder=root / layout.encoder(run),
                    checkpoint=root / layout.checkpoints(run) / "last.pt",
-                   metrics=root / layout.pretrain_metrics(run),
-                   curve=root / layout.curve(run))
+                   metrics=root / layout.train_summary(run),
+                   curve=root / layout.train_curve(run))
 
 
 @dataclass
