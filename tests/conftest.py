@@ -68,19 +68,22 @@ def tiny_params(**over) -> dict:
     return validate(raw)
 
 
-def _checkout_outputs() -> dict[str, int]:
-    """Every file under the checkout's reports/ and data/ with its mtime (ns)."""
-    out = {}
-    for top in ("reports", "data"):
-        for f in (ROOT / top).rglob("*"):
-            if f.is_file():
-                out[f.relative_to(ROOT).as_posix()] = f.stat().st_mtime_ns
+def _checkout_outputs() -> dict[str, object]:
+    """The checkout's reports/ files with their mtime and size, and the names of its data/ files (names only:
+    a `dvc checkout` beside the tests may rewrite data files with the same content)."""
+    out: dict[str, object] = {}
+    for f in (ROOT / "reports").rglob("*"):
+        if f.is_file():
+            out[f.relative_to(ROOT).as_posix()] = (f.stat().st_mtime_ns, f.stat().st_size)
+    for f in (ROOT / "data").rglob("*"):
+        if f.is_file():
+            out[f.relative_to(ROOT).as_posix()] = True
     return out
 
 
 @pytest.fixture(scope="session", autouse=True)
 def checkout_outputs_untouched():
-    """Tests work in temporary directories: none may write into the checkout's reports/ or data/."""
+    """Tests work in temporary directories: none may write into the checkout's reports/ or add to its data/."""
     before = _checkout_outputs()
     yield
     after = _checkout_outputs()

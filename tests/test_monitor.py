@@ -110,7 +110,7 @@ def test_knn_monitor_param_is_checked():
 
 def test_report_has_convergence_table_for_monitored_runs(tmp_path):
     write_metrics(tmp_path)
-    path = tmp_path / "data/models/simclr/train.json"
+    path = tmp_path / "reports/metrics/pretrain/simclr.json"   # the report reads the published copy
     pre = json.loads(path.read_text())
     path.write_text(json.dumps({**pre, "knn_monitor": [22.5, 30.0, 35.25, 41.0], "knn_monitor_images": [100, 50]}))
     report = rb.build_report(tmp_path, RUNS, "cifar10", "t")
