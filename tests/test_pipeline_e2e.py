@@ -190,6 +190,23 @@ def test_bad_param_fails_before_compute_in_one_line(project):
     assert r.stderr.strip() == "error: params.yaml: train.batch_size: expected an integer >= 1, got -64"
 
 
+def test_reverting_a_change_restores_the_encoder_from_the_run_cache(project):
+    """Resume state is no stage output, so DVC's run-cache holds each trained encoder: undoing an experiment
+    checks the earlier encoder out instead of training it again."""
+    path, enc = project / "params.yaml", project / "data/models/simclr/encoder.pt"
+    original, before = path.read_text(), enc.read_bytes()
+    p = yaml.safe_load(original)
+    p["runs"]["simclr"]["overrides"] = {"temperature": 0.3}
+    path.write_text(yaml.safe_dump(p, sort_keys=False))
+    try:
+        sh("dvc repro pretrain.simclr", project)
+        assert enc.read_bytes() != before
+    finally:
+        path.write_text(original)
+    out = sh("dvc repro pretrain.simclr", project).stdout
+    assert "skipping run" in out and enc.read_bytes() == before, out
+
+
 def test_queued_and_temp_experiments_run_in_dvc_copies(project):
     """Two queued experiments with different params, run by `dvc queue start`, both in `dvc exp show`."""
     sh("git add -A && git commit -qm baseline --allow-empty", project)
