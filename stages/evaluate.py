@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from pipeline import params, paths
 from pipeline.cli import main, params_and_run
-from pipeline.eval.features import load_features
+from pipeline.eval.feature_cache import load_features
 from pipeline.eval.protocols import evaluate_features
 from pipeline.utils import atomic_write_bytes, atomic_write_json, atomic_write_with
 

@@ -17,8 +17,8 @@ from torch import nn
 
 from pipeline.data.eval_view import ResizeCentreCrop, eval_transform, resize_size
 from pipeline.data.shards import image_of, group_samples, read_manifest, shard_paths
-from pipeline.eval.features import (extract_features, extract_features_to, feature_paths, load_features,
-                                    save_features, share, wanted_positions)
+from pipeline.eval.feature_cache import feature_paths, load_features, save_features
+from pipeline.eval.features import extract_features, extract_features_to, share, wanted_positions
 from pipeline.params import DataError
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]

@@ -57,7 +57,7 @@ def stages_of(project):
 
 
 def test_every_stage_wrote_its_outputs(project):
-    from pipeline.eval.features import load_features
+    from pipeline.eval.feature_cache import load_features
 
     shards = project / "data/shards/cifar10-tiny"
     assert len(list((shards / "train").glob("*.tar"))) == 4 and (shards / "manifest.parquet").exists()

@@ -10,7 +10,7 @@ import json
 import pytest
 import yaml
 
-from pipeline.eval.features import load_features
+from pipeline.eval.feature_cache import load_features
 from pipeline.params import validate
 from tests.conftest import copy_project, make_imagefolder
 from tests.test_pipeline_e2e import sh

@@ -10,15 +10,11 @@ rank takes a contiguous run of the batches, and after every step the ranks' batc
 rank 0 writes each row at its place. A batch holds the same images whatever the number of workers or ranks,
 so the features equal a single process's (tested).
 
-Cache (`data/features/<run>/`), never held whole in RAM: `<split>.npy` float32 (N, D), filled through
-`np.lib.format.open_memmap` in a temp file that is renamed when complete; `<split>-labels.npy` int64 (N,);
-`<split>-keys.npy` unicode (N,), the shard sample keys. `load_features` maps the features back read-only.
+The cache it writes (memory-mapped `.npy` files) is `pipeline.eval.feature_cache`.
 """
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +26,8 @@ from tqdm import tqdm
 from pipeline.data.eval_view import DEFAULT_CROP_RATIO, eval_transform
 from pipeline.data.shards import group_samples, image_of, read_manifest
 from pipeline.errors import DataError
+from pipeline.eval.feature_cache import MemmapRows, feature_paths, write_labels_keys
 from pipeline import dist
-from pipeline.utils import atomic_write_with
 
 
 # --- which images, which batches -------------------------------------------------------------------------
@@ -191,52 +187,6 @@ def extract_features(backbone: nn.Module, shard_dir: str | Path, split: str, ima
     return feats, manifest["label"].to_numpy(np.int64)[wanted], manifest["key"].to_numpy()[wanted].tolist()
 
 
-# --- the cache -------------------------------------------------------------------------------------------
-
-def feature_paths(feat_dir: str | Path, split: str) -> dict[str, Path]:
-    feat_dir = Path(feat_dir)
-    return {"feats": feat_dir / f"{split}.npy", "labels": feat_dir / f"{split}-labels.npy",
-            "keys": feat_dir / f"{split}-keys.npy"}
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    # a file object (not a name), so numpy does not append another ".npy" to the temp name
-    atomic_write_with(path, lambda f: np.save(f, arr, allow_pickle=False))
-
-
-def _write_labels_keys(paths: dict[str, Path], labels, keys) -> None:
-    _save_npy(paths["labels"], np.asarray(labels, dtype=np.int64))
-    _save_npy(paths["keys"], np.asarray(list(keys), dtype=str))
-
-
-class MemmapRows:
-    """`allocate(n, D)` for `_extract`: an (n, D) float32 `.npy` memmap in a temp file beside `path`;
-    `commit()` flushes, fsyncs and renames it into place, `discard()` removes it."""
-
-    def __init__(self, path: Path):
-        self.path, self.tmp, self.array = Path(path), None, None
-
-    def __call__(self, n: int, d: int) -> np.memmap:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(n, d))
-        return self.array
-
-    def commit(self) -> None:
-        self.array.flush()
-        del self.array  # unmap before the rename
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(self.tmp, 0o644)
-        os.replace(self.tmp, self.path)
-        self.tmp = None
-
-    def discard(self) -> None:
-        if self.tmp is not None:
-            Path(self.tmp).unlink(missing_ok=True)
-
-
 def extract_features_to(feat_dir: str | Path, split: str, backbone: nn.Module, shard_dir: str | Path,
                         image_size: int, mean, std, batch_size: int, device, limit: int = 0, bf16: bool = True,
                         num_workers: int = 0, crop_ratio: float = DEFAULT_CROP_RATIO,
@@ -252,45 +202,9 @@ def extract_features_to(feat_dir: str | Path, split: str, backbone: nn.Module, s
                                               sink if keep else (lambda n, d: None))
         if keep:
             # labels and keys first: the features file appears last, once everything it needs is in place
-            _write_labels_keys(paths, manifest["label"].to_numpy(np.int64)[wanted], manifest["key"].to_numpy()[wanted])
+            write_labels_keys(paths, manifest["label"].to_numpy(np.int64)[wanted], manifest["key"].to_numpy()[wanted])
             del feats
             sink.commit()
     finally:
         sink.discard()
     return len(wanted), D
-
-
-def save_features(feat_dir: str | Path, split: str, feats: np.ndarray, labels: np.ndarray, keys: list[str]) -> None:
-    """Write in-memory features as the cache of `split` in `feat_dir`, each file atomically."""
-    feats = np.asarray(feats, dtype=np.float32)
-    labels = np.asarray(labels, dtype=np.int64)
-    if not (len(feats) == len(labels) == len(keys)) or feats.ndim != 2:
-        raise ValueError(f"save_features: shapes disagree (feats {feats.shape}, labels {labels.shape}, keys {len(keys)})")
-    paths = feature_paths(feat_dir, split)
-    _write_labels_keys(paths, labels, keys)
-    _save_npy(paths["feats"], feats)
-
-
-def _load(path: Path, mmap: bool) -> np.ndarray:
-    if not path.exists():
-        raise DataError(f"{path}: features missing (run the features stage first: dvc repro)")
-    try:
-        # allow_pickle=False: keys are a fixed-width unicode array, nothing needs unpickling
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        why = " ".join(f"{type(e).__name__}: {e}".split())
-        raise DataError(f"{path}: unreadable features cache ({why}); rerun: dvc repro -f features") from None
-
-
-def load_features(feat_dir: str | Path, split: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(feats float32 (N, D), labels int64 (N,), keys) of `split` from `feat_dir`; `mmap=True` maps the
-    features read-only instead of reading them (an np.memmap: copy before changing it in place). A missing
-    or damaged file is a one-line DataError naming it and the fix."""
-    paths = feature_paths(feat_dir, split)
-    feats = _load(paths["feats"], mmap)
-    labels, keys = _load(paths["labels"], False), _load(paths["keys"], False)
-    if (feats.ndim != 2 or feats.dtype != np.float32 or labels.ndim != 1 or labels.dtype.kind not in "iu"
-            or keys.ndim != 1 or keys.dtype.kind != "U" or not (len(feats) == len(labels) == len(keys))):
-        raise DataError(f"{paths['feats']}: inconsistent features cache (feats {feats.shape} {feats.dtype}, labels "
-                        f"{labels.shape} {labels.dtype}, keys {keys.shape} {keys.dtype}); rerun: dvc repro -f features")
-    return feats, labels.astype(np.int64, copy=False), keys.tolist()
