@@ -196,7 +196,7 @@ def test_softmax_regression_is_a_sklearn_estimator():
     x, y = logistic_problem(120, 3, seed=6)
     est = SoftmaxRegression(C=2.0, max_iter=300, device="cpu")
     assert clone(est).get_params() == est.get_params() == {"C": 2.0, "max_iter": 300, "tol": 1e-4, "device": "cpu",
-                                                           "chunk_rows": linear.CHUNK_ROWS, "matmul_dtype": None}
+                                                           "chunk_rows": linear.CHUNK_ROWS, "matmul_dtype": None, "warm_start": False}
     assert est.set_params(C=0.1).C == 0.1
     scores = cross_val_score(est, x, y, cv=3)                  # model selection drives it
     assert scores.shape == (3,) and np.all(scores > 0.4)       # chance is 1/3
@@ -303,3 +303,14 @@ def test_predictions_parquet_columns_and_types(tmp_path):
     assert table.to_pydict() == {"index": [0, 1, 2], "label": [3, 0, 2], "knn_20": [3, 1, 2],
                                  "semi_1pct_label_spreading_s0": [3, -1, 2]}
     assert [p.name for p in path.parent.iterdir()] == ["run.parquet"]     # written atomically, no temp left
+
+
+def test_warm_start_reaches_the_same_optimum_in_fewer_iterations():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(600, 16)).astype(np.float32)
+    y = (x[:, :3] @ rng.normal(size=(3, 4))).argmax(1)
+    cold = linear.SoftmaxRegression(C=1.0, tol=1e-6, device="cpu").fit(x, y)
+    warm = linear.SoftmaxRegression(C=0.1, tol=1e-6, device="cpu", warm_start=True).fit(x, y)
+    warm.set_params(C=1.0).fit(x, y)   # starts from the C = 0.1 solution
+    assert cold.converged_ and warm.converged_ and warm.n_iter_ < cold.n_iter_
+    np.testing.assert_allclose(warm.predict_proba(x), cold.predict_proba(x), atol=1e-4)

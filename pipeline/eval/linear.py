@@ -51,15 +51,18 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
 
     C: inverse L2 strength with scikit-learn's meaning (for 2 classes the softmax penalty is doubled so it
     equals the binary model scikit-learn fits). tol: stop when max |gradient| <= tol (scikit-learn's gtol).
-    max_iter: L-BFGS iterations. device: None = the training device (GPU when present). matmul_dtype: "float32"
+    max_iter: L-BFGS iterations. warm_start: start from the previous fit's solution (in standardised
+    space; scikit-learn's meaning), which a C grid visited in order converges from in far fewer iterations.
+    device: None = the training device (GPU when present). matmul_dtype: "float32"
     or "float64" for the feature products (None: float64 on CPU, float32 on CUDA); the rest is float64.
     After fit: classes_, coef_ / intercept_ (for the raw features), n_iter_, converged_, grad_norm_,
     rel_loss_change_, loss_, solver_, n_evals_ (passes over the data).
     """
 
     def __init__(self, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4, device=None,
-                 chunk_rows: int = CHUNK_ROWS, matmul_dtype: str | None = None):
+                 chunk_rows: int = CHUNK_ROWS, matmul_dtype: str | None = None, warm_start: bool = False):
         self.C = C
+        self.warm_start = warm_start
         self.max_iter = max_iter
         self.tol = tol
         self.device = device
@@ -95,8 +98,14 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         # search then cannot see a decrease), float32 on CUDA (where float64 is slow on most cards)
         mm_dtype = getattr(torch, self.matmul_dtype) if self.matmul_dtype else (
             torch.float32 if dev.type == "cuda" else torch.float64)
-        w = torch.zeros(k, d, dtype=torch.float64, device=dev, requires_grad=True)
-        b = torch.zeros(k, dtype=torch.float64, device=dev, requires_grad=True)
+        w = torch.zeros(k, d, dtype=torch.float64, device=dev)
+        b = torch.zeros(k, dtype=torch.float64, device=dev)
+        previous = getattr(self, "_w_init", None)
+        if self.warm_start and previous is not None and previous.shape == (k, d):
+            w.copy_(torch.from_numpy(previous))
+            b.copy_(torch.from_numpy(self._b_init))
+        w.requires_grad_(True)
+        b.requires_grad_(True)
         if k == 1:   # one class: nothing to learn, every prediction is that class
             self._finish(w, b, n_iter=0, converged=True, grad_norm=0.0, rel_change=0.0, loss=0.0)
             return self
@@ -201,6 +210,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         self.coef_ = (w_std / self.scale_).astype(np.float32)
         self.intercept_ = (b.detach().double().cpu().numpy() - self.coef_.astype(np.float64) @ self.mean_).astype(np.float32)
         self._w_std, self._b_std = w_std.astype(np.float32), b.detach().cpu().numpy()
+        self._w_init, self._b_init = w_std, b.detach().double().cpu().numpy()   # for warm_start
         self.n_iter_, self.converged_, self.grad_norm_ = int(n_iter), bool(converged), float(grad_norm)
         self.rel_loss_change_, self.loss_ = float(rel_change), float(loss)
         self.matmul_dtype_ = str(mm_dtype).removeprefix("torch.")
@@ -264,13 +274,18 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, Cs, val_fra
     train_labels = np.asarray(train_labels, dtype=np.int64)
     fit_idx, val_idx = (np.sort(i) for i in validation_split(train_labels, val_fraction, seed))
     x_val = take_rows(train_feats, val_idx, 0, len(val_idx))
-    val_top1, val_converged = {}, {}
+    val_top1, val_converged, fits = {}, {}, {}
+    # the grid from the strongest regularisation up, each fit warm-started from the previous C's solution
+    model = SoftmaxRegression(Cs[0], max_iter, tol, device, warm_start=True)
     for C in Cs:
-        model = SoftmaxRegression(C, max_iter, tol, device).fit_rows(train_feats, train_labels, fit_idx)
+        model.set_params(C=C).fit_rows(train_feats, train_labels, fit_idx)
         val_top1[C] = accuracy(model, x_val, train_labels[val_idx])
         val_converged[C] = model.converged_
+        fits[C] = (model._w_init, model._b_init)
     best = max(Cs, key=lambda c: (val_top1[c], -c))
-    model = SoftmaxRegression(best, max_iter, tol, device).fit(train_feats, train_labels)
+    model.set_params(C=best)
+    model._w_init, model._b_init = fits[best]   # the refit on all of train starts from its validation fit
+    model.fit(train_feats, train_labels)
     pred = model.predict(test_feats)
     out = {"top1": float(100.0 * np.mean(pred == np.asarray(test_labels))), "C": best, "val_top1": val_top1,
            "val_converged": val_converged, **model.convergence()}
