@@ -2,7 +2,7 @@
 
 `python -m pipeline.dag` (also run by `python -m pipeline.profile NAME`) writes `dvc.yaml` with one stage
 per step and per run instance (run x training seed). Each stage depends on exactly:
-  * code: the project files its command imports, transitively (`import_closure`, read from the syntax
+  * code: the project files its command imports, transitively (`import_closure_files`, read from the syntax
     trees, function-level imports included), plus the modules it loads by name for its configuration:
     a pretrain stage its method's file (`registry.module_of`) and, with the kNN monitor on, the monitor;
   * data: the artifacts of the stages it reads (paths from `pipeline.paths`);
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "pipeline"
 
 # keys that change how fast a stage runs, never what it computes: no stage depends on them
-RUNTIME = {"train": ("num_workers", "checkpoint_every", "sync_every"), "evaluate": ("num_workers",), "shard": ("workers",)}
+RUNTIME = {"train": P.RUNTIME_TRAIN_KEYS, "evaluate": ("num_workers",), "shard": ("workers",)}
 # modules a pretrain stage loads by name when its configuration asks for them (importlib, not `import`)
 MONITOR = "pipeline.train.monitor"
 
@@ -53,7 +53,7 @@ def _packages_of(module: str) -> list[str]:
 def _imports(path: Path) -> frozenset[str]:
     """Project modules `path` imports anywhere in its body (module level or inside functions)."""
     rel = path.relative_to(ROOT).with_suffix("")
-    here = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+    here = list(rel.parts[:-1])   # the package a relative import starts from (a package's own, for __init__)
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):

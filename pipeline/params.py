@@ -43,6 +43,9 @@ TRAIN_KEYS: dict[str, Validator] = {
     "sync_bn": Bool(), "grad_clip": Float(0), "lr_scaling": Str(("linear", "none")),
     "weight_decay_end": Float(0), "knn_monitor": List(Int(0), 2), "knn_monitor_every": Int(1), "sync_every": Int(1),
 }
+# train keys that change how fast a run goes, never what it computes: no stage depends on them, and a run
+# may resume with other values
+RUNTIME_TRAIN_KEYS = ("num_workers", "checkpoint_every", "sync_every")
 TRAIN = Section(TRAIN_KEYS, optional=("lr_scaling", "weight_decay_end", "knn_monitor", "knn_monitor_every", "sync_every"))
 RUN = Section({"method": Str(), "backbone": Str(), "overrides": lambda v, k: v}, optional=("overrides",))
 PAIR_KINDS = ("semantic", "random")

@@ -25,14 +25,14 @@ from pipeline.data.shards import read_meta, read_pair_meta
 from pipeline.methods import registry
 from pipeline.models.backbones import build_backbone
 from pipeline.errors import ParamError, PipelineError
-from pipeline.params import base_run, method_config, run_spec, training_seed
+from pipeline.params import RUNTIME_TRAIN_KEYS, base_run, method_config, run_spec, training_seed
 from pipeline import dist
 from pipeline.train.checkpoint import Checkpointer, Progress, RunPaths, fingerprint, seed_everything
 from pipeline.train.optim import build_optimizer, cosine_ramp, lr_at, peak_lr, set_lr, set_weight_decay
 from pipeline.utils import atomic_write_json, atomic_write_text, pick_device
 
 # train keys that change how fast a run goes (or what it reports), not what it computes: they may differ on resume
-_RUNTIME_KEYS = ("num_workers", "checkpoint_every", "knn_monitor", "knn_monitor_every", "sync_every")
+_RUNTIME_KEYS = (*RUNTIME_TRAIN_KEYS, "knn_monitor", "knn_monitor_every")   # the monitor changes no weight either
 SYNC_EVERY = 50  # default host syncs: one every this many steps
 
 
