@@ -118,13 +118,12 @@ def bench(name: str, images: int, repeats: int, device: torch.device) -> dict:
         g = torch.Generator().manual_seed(0)
         for c in crops:
             c.clear()
-        for b in data:
-            img = decode_rgb(b)
-            for k, v in enumerate(views):
-                crops[k].append(v(img, g)[0])
+        images = [decode_rgb(b) for b in data]       # as the loader: decode the batch, then each view over it
+        for k, v in enumerate(views):
+            crops[k].append(v.render(images, g)[0])
 
     worker_s = best_of(worker, repeats)
-    batches = [torch.stack(c).to(device) for c in crops]
+    batches = [torch.cat(c).to(device) for c in crops]
 
     def on_device():
         for k, (a, x) in enumerate(zip(augs, batches)):

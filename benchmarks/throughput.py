@@ -7,10 +7,14 @@ For each run of params.yaml (shards must exist: `dvc repro shard`):
   ours    views/s of the trainer's real step (`Batch.to`: the batched photometric augmentation on the
           training device; `train_step`: method forward with heads and loss, backward, optimizer, EMA/queue
           updates) fed by the real DataLoader over the shards, workers included;
+  step    views/s of the same step on one kept batch as the workers hand it over (uint8 crops: `Batch.to` with
+          its augmentation, then `train_step`) with no loader running: the step alone, as on a machine whose
+          loader workers have cores of their own (a GPU node); `ours` minus `step` is what the workers' decode
+          takes from the step when they share its cores (here: 2);
   bare    views/s of the bare backbone doing the same passes on the same views and batch: forward +
           backward for views the method trains through, forward only for momentum-encoder views;
   loader  views/s of the DataLoader alone (decode + crop + flip in the workers), i.e. what training could consume.
-Reported: ours / bare (target >= 0.90 on CPU) and loader / ours (target >= 3).
+Reported: ours / bare and step / bare (target >= 0.90 on CPU), and loader / ours (target >= 3).
 """
 from __future__ import annotations
 
@@ -80,7 +84,8 @@ def bench_run(p: dict, run: str, steps: int, shard_dir: Path) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     method.train()
     training = batches()
-    kept = next(training).to(device)
+    raw = next(training)
+    kept = raw.to(device)
     fb, fwd_only = PASSES[name](method.cfg)
     bb = method.backbone
     key_bb = getattr(method, "key_backbone", bb)
@@ -88,6 +93,9 @@ def bench_run(p: dict, run: str, steps: int, shard_dir: Path) -> dict:
 
     def ours():
         train_step(method, method, opt, scaler, next(training).to(device), None, 0.0, 0.5)
+
+    def step():
+        train_step(method, method, opt, scaler, raw.to(device), None, 0.0, 0.5)
 
     def bare():
         bb.zero_grad(set_to_none=True)
@@ -98,17 +106,18 @@ def bench_run(p: dict, run: str, steps: int, shard_dir: Path) -> dict:
                 key_bb(views[(i + 1) % n_views])
 
     per_round = max(1, steps // ROUNDS)
-    rounds = [(timed(ours, per_round, warmup=2 if r == 0 else 0), timed(bare, per_round, warmup=1 if r == 0 else 0))
-              for r in range(ROUNDS)]
-    ours_s = statistics.median(o for o, _ in rounds)
-    bare_s = statistics.median(b for _, b in rounds)
-    ratio = statistics.median(b / o for o, b in rounds)
+    rounds = [(timed(ours, per_round, warmup=2 if r == 0 else 0), timed(step, per_round, warmup=1 if r == 0 else 0),
+               timed(bare, per_round, warmup=1 if r == 0 else 0)) for r in range(ROUNDS)]
+    ours_s, step_s, bare_s = (statistics.median(r[i] for r in rounds) for i in range(3))
     vps = lambda s: n_views * bs / s  # noqa: E731
     return {"run": run, "method": name, "batch_size": bs, "views_per_step": n_views * bs,
             "passes": {"forward_backward": fb, "forward_only": fwd_only}, "num_workers": train_cfg["num_workers"],
-            "ours_views_per_s": vps(ours_s), "bare_views_per_s": vps(bare_s), "loader_views_per_s": vps(loader_s),
-            "ratio_ours_over_bare": ratio, "ratio_per_round": [b / o for o, b in rounds], "rounds": ROUNDS,
-            "ratio_loader_over_ours": ours_s / loader_s}
+            "ours_views_per_s": vps(ours_s), "step_views_per_s": vps(step_s), "bare_views_per_s": vps(bare_s),
+            "loader_views_per_s": vps(loader_s),
+            "ratio_ours_over_bare": statistics.median(b / o for o, _, b in rounds),
+            "ratio_step_over_bare": statistics.median(b / s for _, s, b in rounds),
+            "ratio_per_round": [b / o for o, _, b in rounds], "ratio_step_per_round": [b / s for _, s, b in rounds],
+            "rounds": ROUNDS, "ratio_loader_over_ours": ours_s / loader_s}
 
 
 def synthetic_shards(root: Path, size: int, n: int = 160) -> Path:
@@ -150,8 +159,9 @@ def main() -> None:
     if not a.quick:
         atomic_write_json({"env": env, "results": results}, a.out)
     for r in results:
-        print(f"{r['run']:>8}: ours {r['ours_views_per_s']:.0f} views/s, bare backbone {r['bare_views_per_s']:.0f} "
-              f"-> ratio {r['ratio_ours_over_bare']:.3f}; loader alone {r['loader_views_per_s']:.0f} views/s "
+        print(f"{r['run']:>8}: ours {r['ours_views_per_s']:.0f} views/s, step alone {r['step_views_per_s']:.0f}, "
+              f"bare backbone {r['bare_views_per_s']:.0f} -> ratio {r['ratio_ours_over_bare']:.3f} with the loader, "
+              f"{r['ratio_step_over_bare']:.3f} step alone; loader alone {r['loader_views_per_s']:.0f} views/s "
               f"= {r['ratio_loader_over_ours']:.2f}x what training consumes")
 
 

@@ -190,3 +190,29 @@ def test_view_reports_crop_box_and_flip():
     assert 0 <= top and top + h <= 30 and 0 <= left and left + w <= 40 and 0.2 * 1200 * 0.7 <= h * w <= 0.5 * 1200 * 1.3
     _, g = View(ViewSpec(size=16, crop_scale=None, hflip=0.0), MEAN, STD)(img)
     assert g.tolist() == [0, 0, 30, 40, 0]  # no crop: the whole image
+
+
+def test_crop_boxes_follow_torchvisions_random_resized_crop():
+    """Vectorised draws, same rule: area fraction and log-ratio distributions match torchvision's get_params over
+    many draws; boxes always fit; an image no try fits gets torchvision's central fallback crop exactly."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import RandomResizedCrop
+
+    from pipeline.data.views import RATIO, crop_boxes
+
+    n, (H, W), scale = 20000, (30, 50), (0.2, 0.9)
+    got = crop_boxes([H] * n, [W] * n, scale, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    img = Image.new("RGB", (W, H))
+    ref = np.array([RandomResizedCrop.get_params(img, list(scale), list(RATIO)) for _ in range(n)])
+    assert ((got[:, 0] >= 0) & (got[:, 0] + got[:, 2] <= H) & (got[:, 1] >= 0) & (got[:, 1] + got[:, 3] <= W)).all()
+    for stat in (lambda b: b[:, 2] * b[:, 3] / (H * W), lambda b: np.log(b[:, 3] / b[:, 2]),
+                 lambda b: b[:, 0] / np.maximum(1, H - b[:, 2]), lambda b: b[:, 1] / np.maximum(1, W - b[:, 3])):
+        a, r = stat(got), stat(ref)
+        se = np.sqrt(a.var() / n + r.var() / n)
+        assert abs(a.mean() - r.mean()) < 4 * se and abs(a.std() - r.std()) < 0.03 * r.std()
+    # 4 x 200: no try fits; torchvision's fallback is the central crop at the nearest allowed ratio
+    thin = crop_boxes([4, 200], [200, 4], (0.9, 1.0), generator=torch.Generator().manual_seed(1))
+    want = [RandomResizedCrop.get_params(Image.new("RGB", (w, h)), [0.9, 1.0], list(RATIO)) for h, w in ((4, 200), (200, 4))]
+    assert thin.tolist() == [list(b) for b in want]

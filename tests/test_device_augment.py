@@ -72,6 +72,22 @@ def test_photometric_applies_each_op_to_the_selected_samples_in_their_own_order(
         assert torch.allclose(got[i], y, atol=1e-4), i
 
 
+def test_color_jitter_in_one_pass_per_position_is_the_ops_one_at_a_time_bit_for_bit():
+    for strengths in ((0.4, 0.4, 0.4, 0.1), (0.4, 0.0, 0.4, 0.0), (0.0, 0.4, 0.0, 0.2)):
+        spec = ViewSpec(size=20, color_jitter=strengths, color_jitter_p=0.7)
+        x = images()
+        params = D.draw_params(spec, len(x), torch.Generator().manual_seed(2))
+        want = x.clone()
+        for i in range(len(x)):
+            if not params["jitter"][i]:
+                continue
+            for op in params["order"][i].tolist():
+                if strengths[op]:
+                    want[i:i + 1] = D.JITTER_OPS[op](want[i:i + 1], params["factors"][op, i:i + 1])
+        got = D.color_jitter(x.clone(), strengths, params)
+        assert torch.equal(got, want), strengths
+
+
 def test_random_parameters_follow_the_per_sample_distribution():
     spec = ViewSpec(size=32, color_jitter=(0.4, 0.3, 0.2, 0.1), color_jitter_p=0.8, grayscale_p=0.2, blur_p=0.5,
                     solarize_p=0.1)

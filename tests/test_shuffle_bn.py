@@ -12,7 +12,7 @@ from torch import nn
 
 from pipeline.methods.leoclr import LeOCLR
 from pipeline.methods.mocov2 import MoCoV2
-from pipeline.methods.shuffle_bn import encode_in_groups, permutation, shuffled_encode
+from pipeline.methods.shuffle_bn import bn_groups, encode_in_groups, grouped_batchnorm, permutation, shuffled_encode
 from tests.test_ddp import AUG, WORLD, TinyNet, _init, free_port
 
 CFG = {"proj_hidden": 8, "proj_dim": 5, "proj_layers": 2, "temperature": 0.2, "queue_size": 32, "momentum": 0.9}
@@ -39,15 +39,46 @@ def test_key_bn_groups_differ_from_the_queries():
     m = make(shuffle_bn_groups=4)
     x = torch.randn(16, 3, 4, 4)
     query_bn = next(mod for mod in m.projector.modules() if isinstance(mod, nn.BatchNorm1d))
-    key_bn = next(mod for mod in m.key_projector.modules() if isinstance(mod, nn.BatchNorm1d))
-    q_calls, k_calls, k_inputs = record_inputs(query_bn), record_inputs(key_bn), record_inputs(m.key_backbone)
+    q_calls = record_inputs(query_bn)
     m.set_progress(0.25, 1.0)
     m(SimpleNamespace(views=[x, x.flip(0)]))
     assert [len(c) for c in q_calls] == [16]          # the queries: one BN batch of the whole batch
-    assert [len(c) for c in k_calls] == [4, 4, 4, 4]  # the keys: four BN groups of 4
-    groups = [rows_of(b, x.flip(0)) for b in k_inputs]
-    assert sorted(sum(groups, [])) == list(range(16))
-    assert groups != [list(range(i, i + 4)) for i in range(0, 16, 4)]  # shuffled, not the batch's own order
+    keys = m.key(x)                                   # the next call's permutation: four groups of 4 rows
+    perm = permutation(16, round(0.25 * 2 ** 30) * 16 + 1, "cpu")
+    assert perm.tolist() != list(range(16))           # shuffled, not the batch's own order
+    want = torch.empty_like(keys)
+    for idx in perm.tensor_split(4):
+        want[idx] = m.key_projector(m.key_backbone(x[idx]))
+    assert torch.allclose(keys, want, atol=1e-5)
+    whole = m.key_projector(m.key_backbone(x))        # one BN batch, as the queries: other statistics
+    assert not torch.allclose(keys, whole, atol=1e-3)
+
+
+def test_grouped_batchnorm_is_each_group_on_its_own():
+    """One pass over interleaved rows == each group through BatchNorm alone (2-d, 4-d inputs, running stats)."""
+    for bn, shape in ((nn.BatchNorm2d(3), (12, 3, 5, 5)), (nn.BatchNorm1d(3), (12, 3))):
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+        ref = type(bn)(3)
+        ref.load_state_dict(bn.state_dict())
+        x = torch.randn(*shape) * 3 + 1
+        with grouped_batchnorm([bn], 3):
+            got = bn(x)
+        want = torch.cat([ref(x[g::3]) for g in range(3)])            # group g: rows g, g + 3, ...
+        order = torch.cat([torch.arange(g, 12, 3) for g in range(3)])
+        assert torch.allclose(got[order], want, atol=1e-5)
+        assert torch.allclose(bn.running_mean, x.transpose(0, 1).reshape(3, -1).mean(1) * 0.1, atol=1e-5)
+        assert "forward" not in bn.__dict__  # the plain BatchNorm again outside the context
+
+
+def test_encode_in_groups_equals_separate_passes_of_a_conv_net():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4, 6),
+                        nn.BatchNorm1d(6))
+    x = torch.randn(16, 3, 6, 6)
+    got = encode_in_groups(net, x, 4, [net])
+    want = torch.cat([net(part) for part in x.tensor_split(4)])   # consecutive groups, each its own BN batch
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_keys_come_back_in_order_and_equal_grouped_encoding():
@@ -79,14 +110,13 @@ def test_each_call_its_own_permutation_and_a_replayed_step_the_same():
     for _ in range(2):
         m.set_progress(0.125, 0.5)
         m.key(x), m.key(x)
-    first, second, replay1, replay2 = ([tuple(rows_of(b, x)) for b in calls[i:i + 2]] for i in range(0, 8, 2))
+    first, second, replay1, replay2 = (tuple(rows_of(b, x)) for b in calls)  # one pass per key() call
     assert first != second and (first, second) == (replay1, replay2)
 
 
-def test_groups_keep_two_rows_for_batchnorm():
-    sizes = []
-    encode_in_groups(lambda y: sizes.append(len(y)) or y, torch.randn(5, 2), 8)
-    assert sizes == [3, 2]
+def test_groups_are_equal_and_keep_two_rows_for_batchnorm():
+    assert [bn_groups(n, 8) for n in (256, 16, 12, 6, 5, 3)] == [8, 8, 6, 3, 1, 1]
+    assert bn_groups(256, 1) == 1
 
 
 def test_leoclr_and_mocov2_default_on():
@@ -117,7 +147,7 @@ def _ddp_worker(rank, port, out):
     _init(rank, port)
     x = _global_batch()[rank * 8:(rank + 1) * 8]
     enc = RecordingBN()
-    keys = shuffled_encode(enc, x, 2, seed=11)
+    keys = shuffled_encode(enc, x, 2, seed=11, modules=[enc])
     plain = shuffled_encode(lambda y: y + 1, x, 2, seed=11)
     torch.save({"keys": keys, "seen": enc.seen, "plain": plain}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -133,5 +163,6 @@ def test_ddp_shuffles_across_ranks_and_unshuffles_in_order(tmp_path):
     seen0 = sum((rows_of(b, x) for b in ranks[0]["seen"]), [])
     assert len(seen0) == 8 and any(i >= 8 for i in seen0)
     # one process with the ranks' 2 x 2 groups on the gathered batch gives the same keys
-    single = shuffled_encode(RecordingBN(), x, 2 * WORLD, seed=11)
+    enc = RecordingBN()
+    single = shuffled_encode(enc, x, 2 * WORLD, seed=11, modules=[enc])
     assert torch.allclose(torch.cat([r["keys"] for r in ranks]), single, atol=1e-6)

@@ -52,8 +52,8 @@ def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r, g, b = x.unbind(1)
-    v, _ = x.max(1)
-    c = v - x.min(1)[0]                               # chroma
+    v = torch.maximum(torch.maximum(r, g), b)         # elementwise over the three planes: no strided reduction
+    c = v - torch.minimum(torch.minimum(r, g), b)     # chroma
     flat = c == 0
     s = c / torch.where(flat, torch.ones_like(v), v)
     c_safe = torch.where(flat, torch.ones_like(c), c)
@@ -65,16 +65,14 @@ def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    h6 = h * 6.0
-    sector = torch.floor(h6)
-    frac = h6 - sector
-    sector = sector.long() % 6
-    p = (v * (1 - s)).clamp(0, 1)
-    q = (v * (1 - s * frac)).clamp(0, 1)
-    t = (v * (1 - s * (1 - frac))).clamp(0, 1)
-    # (r, g, b) per sector 0..5 of the hue circle
-    table = torch.stack([torch.stack(c) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))])
-    return table.gather(1, sector[None, None].expand(3, 1, *sector.shape)).squeeze(1).movedim(0, 1)
+    """Branch-free: channel n in (5, 3, 1) for (r, g, b) is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    (the same values as the sector table p, q, t of torchvision's _hsv2rgb)."""
+    h6, vs = h * 6.0, v * s
+    planes = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(h6 + n, 6.0)
+        planes.append(v - vs * torch.minimum(k, 4.0 - k).clamp_(0, 1))
+    return torch.stack(planes, 1).clamp_(0, 1)
 
 
 def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -132,25 +130,51 @@ def draw_params(spec: ViewSpec, n: int, generator: torch.Generator) -> dict[str,
 
 
 def _on(x: torch.Tensor, mask: torch.Tensor, fn, *args) -> torch.Tensor:
-    """x with fn applied to the samples of the (CPU) mask only; the mask is known on the host: no sync."""
+    """x with fn applied, in place, to the samples of the (CPU) mask only; the mask is known on the host: no
+    sync."""
     idx = mask.nonzero().squeeze(1)
     if len(idx) == 0:
         return x
     idx_dev = idx.to(x.device)
-    x = x.clone()
     x[idx_dev] = fn(x[idx_dev], *(a[idx] for a in args))
     return x
 
 
+def color_jitter(x: torch.Tensor, strengths, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """ColorJitter on the jittered samples, each with its own factors and order of the four adjustments.
+
+    Brightness, contrast and saturation are one blend f * x + (1 - f) * target (target 0, the mean grey level,
+    the grayscale image), so each of the four positions is a single pass over the batch: per sample the target
+    of its op at that position, f = 1 (exactly x) where its op there is hue or off. Hue (HSV) runs on its own
+    samples only. Bit for bit the ops applied one at a time (tested)."""
+    idx = params["jitter"].nonzero().squeeze(1)
+    if len(idx) == 0:
+        return x
+    dev = x.device
+    y = x[idx.to(dev)]
+    factors, order = params["factors"][:, idx], params["order"][idx]
+    linear = [op for op in range(3) if strengths[op] != 0]       # ColorJitter skips an op of strength 0
+    for pos in range(4):
+        op = order[:, pos]
+        if linear:
+            on = sum(op == k for k in linear).bool()
+            f = torch.where(on, factors.gather(0, op.clamp(max=2)[None])[0], torch.ones(()))
+            per = lambda t: t.to(dev, y.dtype).view(-1, 1, 1, 1)  # noqa: E731
+            grey = grayscale(y)
+            target = per(op == 1) * grey.mean(dim=(1, 2, 3), keepdim=True) + per(op == 2) * grey
+            y = y.mul_(per(f)).add_(target.mul_(1 - per(f))).clamp_(0, 1)
+        if strengths[3] != 0:
+            y = _on(y, op == 3, adjust_hue, factors[3])
+    x[idx.to(dev)] = y
+    return x
+
+
 def photometric(x: torch.Tensor, spec: ViewSpec, params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Apply the spec's photometric ops with the given per-sample parameters; x float in [0, 1]."""
+    """Apply the spec's photometric ops with the given per-sample parameters; x float in [0, 1] (not modified)."""
+    x = x.clone()
     strengths = spec.color_jitter
     if spec.color_jitter_p > 0 and any(strengths):
-        for pos in range(4):
-            for op, fn in enumerate(JITTER_OPS):
-                if strengths[op] == 0:       # ColorJitter skips an op of strength 0
-                    continue
-                x = _on(x, params["jitter"] & (params["order"][:, pos] == op), fn, params["factors"][op])
+        x = color_jitter(x, strengths, params)
     if spec.grayscale_p > 0:
         x = _on(x, params["grayscale"], lambda y: grayscale(y).expand_as(y))
     if spec.blur_p > 0:

@@ -173,8 +173,7 @@ class ShardStream(IterableDataset):
     def _make_batch(self, items: np.ndarray, epoch: int, b: int) -> Batch:
         # one generator per batch: its crops depend on (seed, epoch, rank, b) only, whichever worker builds it
         gen = torch.Generator().manual_seed(_mix(self.seed, epoch, self.rank, b))
-        outs = [[] for _ in self.views]
-        geos = [[] for _ in self.views]
+        firsts, seconds = [], []
         labels, index, positive = [], [], []
         for i in items:
             s = self.index.read(i)
@@ -189,11 +188,10 @@ class ShardStream(IterableDataset):
                 labels.append(pair["anchor_label"])
                 index.append(pair["anchor"])
                 positive.append(pair["positive"])
-            for k, view in enumerate(self.views):
-                x, g = view(second if k == 1 else img, gen)
-                outs[k].append(x)
-                geos[k].append(g)
-        return Batch([torch.stack(o) for o in outs], [torch.stack(g) for g in geos], torch.tensor(labels),
+            firsts.append(img)
+            seconds.append(second)
+        outs, geos = zip(*(view.render(seconds if k == 1 else firsts, gen) for k, view in enumerate(self.views)))
+        return Batch(list(outs), list(geos), torch.tensor(labels),
                      torch.tensor(index), torch.tensor(positive), epoch=epoch, step_in_epoch=b,
                      seed=_mix(self.seed, epoch, self.rank, b, 1), augment=self.augment)
 

@@ -52,54 +52,68 @@ class ViewSpec:
         return max(3, (self.size // 10) | 1)
 
 
-def crop_box(height: int, width: int, scale, ratio=RATIO, generator: torch.Generator | None = None
-             ) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a random resized crop by torchvision's `RandomResizedCrop.get_params` rule (area
-    fraction uniform in `scale`, log aspect ratio uniform in `ratio`, 10 tries, then the central crop at
-    the nearest allowed ratio), every draw from `generator`."""
-    area = height * width
+def crop_boxes(heights, widths, scale, ratio=RATIO, generator: torch.Generator | None = None) -> np.ndarray:
+    """(n, 4) int64 [top, left, h, w]: a random resized crop of each of n images by torchvision's
+    `RandomResizedCrop.get_params` rule (area fraction uniform in `scale`, log aspect ratio uniform in `ratio`,
+    the first of 10 tries that fits, else the central crop at the nearest allowed ratio; the offset uniform over
+    the positions that fit). Every draw of the n images at once, from `generator`: a fixed block of uniforms per
+    call, so the boxes depend on the generator's state only (not on which tries fit)."""
+    heights, widths = np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64)
+    n = len(heights)
+    u = torch.rand(n, 10, 2, generator=generator, dtype=torch.float64).numpy()
+    offset = torch.rand(n, 2, generator=generator, dtype=torch.float64).numpy()
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = math.exp(torch.empty(1).uniform_(lo, hi, generator=generator).item())
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=generator).item())
-            left = int(torch.randint(0, width - w + 1, (1,), generator=generator).item())
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    target = (heights * widths)[:, None] * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    aspect = np.exp(lo + (hi - lo) * u[..., 1])
+    w = np.round(np.sqrt(target * aspect)).astype(np.int64)    # round half to even, as Python's round
+    h = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])
+    first = fits.argmax(1)
+    rows = np.arange(n)
+    h, w = h[rows, first], w[rows, first]
+    # no try fits: the whole image, cut to the nearest allowed aspect ratio
+    in_ratio = widths / heights
+    cw = np.where(in_ratio > max(ratio), np.round(heights * max(ratio)).astype(np.int64), widths)
+    ch = np.where(in_ratio < min(ratio), np.round(widths / min(ratio)).astype(np.int64), heights)
+    found = fits.any(1)
+    h, w = np.where(found, h, ch), np.where(found, w, cw)
+    top = np.where(found, np.floor(offset[:, 0] * (heights - h + 1)), (heights - h) // 2).astype(np.int64)
+    left = np.where(found, np.floor(offset[:, 1] * (widths - w + 1)), (widths - w) // 2).astype(np.int64)
+    return np.stack([top, left, h, w], 1)
 
 
 class View:
-    """The worker's part of a view. Callable: PIL image -> (uint8 (C, size, size) tensor, geometry tensor
-    [top, left, height, width, flipped]); random draws from `generator` (the global RNG when None)."""
+    """The worker's part of a view: decoded PIL images -> uint8 (n, C, size, size) crops and their geometry
+    [top, left, height, width, flipped] (int32, (n, 5)); random draws from `generator` (the global RNG when
+    None), all of a batch's at once."""
 
     def __init__(self, spec: ViewSpec, mean, std):
         self.spec = spec
         self.mean, self.std = tuple(mean), tuple(std)
 
-    def box(self, img, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    def boxes(self, images, generator: torch.Generator | None = None) -> np.ndarray:
+        heights, widths = [im.height for im in images], [im.width for im in images]
         if self.spec.crop_scale is None:
-            return 0, 0, img.height, img.width
-        return crop_box(img.height, img.width, self.spec.crop_scale, generator=generator)
+            return np.stack([np.zeros(len(images), np.int64), np.zeros(len(images), np.int64),
+                             np.asarray(heights, np.int64), np.asarray(widths, np.int64)], 1)
+        return crop_boxes(heights, widths, self.spec.crop_scale, generator=generator)
 
-    def __call__(self, img, generator: torch.Generator | None = None):
-        top, left, h, w = self.box(img, generator)
-        # PIL's bilinear resize of the box is antialiased, as torchvision's resized_crop on PIL images
-        out = img.resize((self.spec.size, self.spec.size), Image.BILINEAR, box=(left, top, left + w, top + h))
-        flipped = bool(torch.rand((), generator=generator) < self.spec.hflip)
-        if flipped:
-            out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        x = torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
-        return x, torch.tensor([top, left, h, w, int(flipped)], dtype=torch.int32)
+    def render(self, images, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        boxes = self.boxes(images, generator)
+        flips = (torch.rand(len(images), generator=generator) < self.spec.hflip).numpy()
+        size = self.spec.size
+        out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+        for i, (img, (top, left, h, w)) in enumerate(zip(images, boxes.tolist())):
+            # PIL's bilinear resize of the box is antialiased, as torchvision's resized_crop on PIL images
+            crop = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+            out[i] = np.asarray(crop.transpose(Image.FLIP_LEFT_RIGHT) if flips[i] else crop)
+        geometry = np.concatenate([boxes, flips[:, None].astype(np.int64)], 1).astype(np.int32)
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(geometry)
+
+    def __call__(self, img, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image: (uint8 (C, size, size), geometry (5,))."""
+        x, g = self.render([img], generator)
+        return x[0], g[0]
 
     def batch(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The per-patch augmentation of the spec on stacked normalised (B, C, H, W) views, vectorised over

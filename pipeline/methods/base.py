@@ -152,7 +152,8 @@ class MomentumContrast(ProjectorMethod):
         # the permutation seed: this step (progress is the same on every rank and after a resume) and call
         seed = round(self.progress * 2 ** 30) * 16 + self._key_calls
         self._key_calls += 1
-        return shuffled_encode(self._key_encode, x, self.cfg["shuffle_bn_groups"], seed)
+        return shuffled_encode(self._key_encode, x, self.cfg["shuffle_bn_groups"], seed,
+                               modules=(self.key_backbone, self.key_projector))
 
     def momentum_pairs(self):
         if not self.uses_key_encoder():
