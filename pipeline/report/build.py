@@ -811,6 +811,11 @@ def convergence_figure(metrics: list[RunMetrics]) -> bytes | None:
     return _png(fig)
 
 
+def loss_terms(columns) -> list[str]:
+    """The per-term loss columns of a training curve: neither bookkeeping nor a collapse diagnostic."""
+    return [col for col in columns if col not in CURVE_META and not col.startswith(DIAGNOSTIC_PREFIXES)]
+
+
 def loss_figure(metrics: list[RunMetrics]) -> bytes | None:
     """Training loss per epoch, one panel per trained run (loss scales differ between methods)."""
     runs = [m for m in metrics if m.curve is not None and len(m.curve)]
@@ -822,7 +827,7 @@ def loss_figure(metrics: list[RunMetrics]) -> bytes | None:
     for i, m in enumerate(runs):
         ax = fig.add_subplot(nrow, ncol, i + 1)
         c = m.curve
-        terms = [col for col in c.columns if col not in CURVE_META and not col.startswith(DIAGNOSTIC_PREFIXES)]
+        terms = loss_terms(c.columns)
         ax.plot(c["epoch"], c["loss"], marker="o", lw=2, label="loss")
         for term in terms:  # per-term losses, thinner
             ax.plot(c["epoch"], c[term], lw=1, ls="--", label=term)
