@@ -7,7 +7,8 @@ per step and per run instance (run x training seed). Each stage depends on exact
     a pretrain stage its method's file (`registry.module_of`) and, with the kNN monitor on, the monitor;
   * data: the artifacts of the stages it reads (paths from `pipeline.paths`);
   * params: only the keys that can change its outputs (`RUNTIME` keys change speed, never results;
-    machine-local paths are read by the shard stage alone).
+    machine-local paths are read by the shard stage alone; a shared `train` key that a run's method or
+    overrides set is not a param of that run's pretrain stage).
 No list here is kept by hand: a new file in `pipeline/methods/` is a dependency of no stage until a
 stage imports it, and an edit to one method's file reruns only that method's runs.
 """
@@ -117,13 +118,20 @@ def _monitored(p: dict, name: str) -> bool:
     return bool(train.get("knn_monitor") and train["knn_monitor"][0] > 0)
 
 
+def _shared_train_keys(p: dict, spec: dict) -> list[str]:
+    """The shared `train.*` keys that reach a run: its method's `train` block and its own overrides replace
+    the others whole (`params.method_config` merges one level deep), and both are listed as params already."""
+    own = set(p["methods"][spec["method"]].get("train", {})) | set(spec.get("overrides", {}).get("train", {}))
+    return _keys(p, "train", drop=tuple(own))
+
+
 def _pretrain(p: dict, name: str, inst: dict) -> dict:
     spec = p[inst["section"]][inst["run"]]
     ds = p["dataset"]["name"]
     loaded = (registry.module_of(spec["method"]),) + ((MONITOR,) if _monitored(p, name) else ())
     deps = code_deps("stages/pretrain.py", loaded) + [paths.shards(ds).as_posix()]
     prm = ["seed", "dataset.name", "dataset.image_size", "dataset.mean", "dataset.std", "augment",
-           *_keys(p, "train"), f"{inst['section']}.{inst['run']}", f"methods.{spec['method']}",
+           *_shared_train_keys(p, spec), f"{inst['section']}.{inst['run']}", f"methods.{spec['method']}",
            f"backbones.{spec['backbone']}"]
     if spec.get("pairs"):   # SePP-ID: the originals plus the mine stage's pairs
         deps.append(paths.pairs(ds).as_posix())

@@ -96,6 +96,24 @@ def test_runtime_and_machine_local_params_reach_no_result(cpu):
             assert "dataset.root" not in st.get("params", []) and "dataset.source" not in st.get("params", []), name
 
 
+def test_a_shared_train_key_is_a_param_of_exactly_the_runs_it_reaches(cpu):
+    """Changing `train.<k>` changes a run's merged trainer settings iff its pretrain stage lists `train.<k>`
+    (a run whose method or overrides set k does not see the shared value)."""
+    p, stages = cpu
+    keys = [k for k in p["train"] if k not in dag.RUNTIME["train"]]
+    listed_somewhere = overridden_somewhere = False
+    for name in P.instances(p):
+        base = P.method_config(p, name)[2]
+        params = stages[f"pretrain.{name}"]["params"]
+        for k in keys:
+            changed = {**p, "train": {**p["train"], k: "<changed>"}}
+            reaches = P.method_config(changed, name)[2] != base
+            assert reaches == (f"train.{k}" in params), (name, k)
+            listed_somewhere |= reaches
+            overridden_somewhere |= not reaches
+    assert listed_somewhere and overridden_somewhere   # the cpu profile has both cases
+
+
 def test_seeds_are_instances_reading_their_runs_params():
     from pipeline.profile import resolve
 
