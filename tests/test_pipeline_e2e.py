@@ -230,6 +230,7 @@ def test_queued_and_temp_experiments_run_in_dvc_copies(project):
                 metrics = data.get("metrics", {}).get("reports/metrics/evaluate/simclr.json", {}).get("data", {})
                 if name:
                     exps[name] = metrics.get("knn")
+    print(f"\n{status}kNN per experiment: {exps}")   # what the closing notes quote (pytest -s)
     assert {"simclr-t01", "simclr-t09"} <= set(exps), exps
     assert exps["simclr-t01"] and exps["simclr-t01"] != exps["simclr-t09"]
     # --temp: a third experiment, run in a temporary copy of the workspace (only the report reruns)
