@@ -1,5 +1,5 @@
-"""The recipe search's validation split is carved from the training images: its queries lie outside the
-pretraining subset, the test split is never read, and a split that cannot be carved is refused."""
+"""The recipe search's validation split is carved from the training images: its bank lies inside the
+pretraining subset, its queries outside it, and a split that cannot be carved is refused."""
 from __future__ import annotations
 
 import numpy as np
