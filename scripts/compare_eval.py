@@ -1,13 +1,14 @@
 """Does the torch evaluation reproduce an older commit's scikit-learn kNN and linear probe on the same features?
 
-    python scripts/compare_eval.py RUN [RUN ...] [--commit 0e366c1] [--out benchmarks/results/eval-ab-cpu.json]
+    python scripts/compare_eval.py RUN [RUN ...] [--commit 0e366c1] [--out benchmarks/results/eval-ab-cpu.json] [--redo]
 
 For each run with cached features (`dvc repro features.<run>`), the old commit's `pipeline/eval/knn.py` and
 `linear.py` (read with `git show`, imported from a temp dir) and the current ones evaluate the same train/test
 features with the params' evaluate settings. Reported per run: both kNN accuracies, the share of identical
 neighbour ids in the top-200 and the largest similarity difference (ids differ only where similarities tie
 to float32 rounding), both linear probes (accuracy, chosen C, converged), and the committed metrics file's
-numbers when there is one.
+numbers when there is one. Results merge into the output file, which is rewritten after each run, so the
+comparison can be run in parts; a run already in the file is skipped unless --redo.
 """
 from __future__ import annotations
 
@@ -76,18 +77,28 @@ def main() -> None:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--commit", default="0e366c1", help="the commit whose scikit-learn evaluation is the reference")
     ap.add_argument("--out", default="benchmarks/results/eval-ab-cpu.json")
+    ap.add_argument("--redo", action="store_true", help="compare runs already in --out again")
     a = ap.parse_args()
     ev = P.load(methods=())["evaluate"]
     old_knn, old_linear = old_modules(a.commit)
+    out = Path(a.out)
     results = {}
+    if out.exists():
+        previous = json.loads(out.read_text())
+        if previous["reference_commit"] != a.commit:
+            sys.exit(f"{out} compares against {previous['reference_commit']}, not --commit {a.commit}: pass another --out")
+        results = previous["results"]
     for run in a.runs:
+        if run in results and not a.redo:
+            print(f"{run}: already in {out}, skipped (--redo compares it again)", flush=True)
+            continue
         results[run] = compare(run, ev, old_knn, old_linear)
         r = results[run]
         print(f"{run}: kNN old {r['knn_old']} new {r['knn_new']} (top-{max(ev['knn_k'])} ids identical "
               f"{100 * r['topk_ids_identical']:.2f} %, max |Δsim| {r['max_similarity_difference']:.1e}); linear old "
               f"{r['linear_old']['top1']:.2f} (converged {r['linear_old']['converged']}) new {r['linear_new']['top1']:.2f} "
               f"(converged {r['linear_new']['converged']})", flush=True)
-    atomic_write_json({"reference_commit": a.commit, "results": results}, a.out)
+        atomic_write_json({"reference_commit": a.commit, "results": results}, out)
 
 
 if __name__ == "__main__":
