@@ -288,3 +288,10 @@ def test_seeds_and_predictions_give_intervals_verdicts_and_flags(tmp_path):
     assert [r[:2] for r in flags[1:]] == [["mocov2", "0"], ["mocov2", "1"], ["mocov2", "2"]]
     assert "No per-image predictions" not in rep.markdown
     assert set(rep.figures) >= {"accuracy.png", "cost.png"}
+
+
+def test_loss_panels_plot_loss_terms_not_collapse_diagnostics():
+    """PW-Self's curve columns: its loss terms are plotted, its entropy / prototype-count diagnostics are not."""
+    cols = ["epoch", "step", "loss", "dino", "patch", "matched", "teacher_entropy_cls", "prototypes_cls",
+            "teacher_entropy_patch", "prototypes_patch", "lr", "views_per_s", "epoch_time_s", "knn_top1"]
+    assert rb.loss_terms(cols) == ["dino", "patch", "matched"]

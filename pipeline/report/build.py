@@ -46,6 +46,7 @@ FLOOR_METHOD = "random"
 SEPPID_METHOD = "seppid"  # the name of SePP-ID's rows in references.yaml
 # per-epoch CSV columns that are bookkeeping, not loss terms
 CURVE_META = ("epoch", "step", "loss", "lr", "views_per_s", "epoch_time_s", "knn_top1")
+DIAGNOSTIC_PREFIXES = ("teacher_entropy_", "prototypes_")  # collapse diagnostics (DINO, PW-Self): not loss terms
 DASH = "—"
 
 
@@ -810,6 +811,11 @@ def convergence_figure(metrics: list[RunMetrics]) -> bytes | None:
     return _png(fig)
 
 
+def loss_terms(columns) -> list[str]:
+    """The per-term loss columns of a training curve: neither bookkeeping nor a collapse diagnostic."""
+    return [col for col in columns if col not in CURVE_META and not col.startswith(DIAGNOSTIC_PREFIXES)]
+
+
 def loss_figure(metrics: list[RunMetrics]) -> bytes | None:
     """Training loss per epoch, one panel per trained run (loss scales differ between methods)."""
     runs = [m for m in metrics if m.curve is not None and len(m.curve)]
@@ -821,15 +827,20 @@ def loss_figure(metrics: list[RunMetrics]) -> bytes | None:
     for i, m in enumerate(runs):
         ax = fig.add_subplot(nrow, ncol, i + 1)
         c = m.curve
+        terms = loss_terms(c.columns)
         ax.plot(c["epoch"], c["loss"], marker="o", lw=2, label="loss")
-        for term in [col for col in c.columns if col not in CURVE_META]:  # per-term losses, thinner
+        for term in terms:  # per-term losses, thinner
             ax.plot(c["epoch"], c[term], lw=1, ls="--", label=term)
+        values = c[["loss", *terms]].to_numpy(dtype=float)
+        values = values[np.isfinite(values)]
+        if len(values) and values.min() > 0 and values.max() / values.min() > 20:
+            ax.set_yscale("log")  # unweighted terms (Barlow Twins' off-diagonal sum) would flatten the loss line
         ax.set_title(f"{m.run} ({m.method}, {m.backbone})", fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
-        if len(c.columns.difference(CURVE_META)):
+        if terms:
             ax.legend(fontsize=7)
     return _png(fig)
 
@@ -968,11 +979,11 @@ def table_html(t: Table) -> str:
         out.append(f"<p class=\"caption\">{html.escape(t.caption)}</p>")
     if not t.rows:
         return "\n".join(out + ["<p><em>(none)</em></p>"])
-    out.append("<table>\n<thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in t.columns) + "</tr></thead>\n<tbody>")
+    out.append("<div class=\"scroll\"><table>\n<thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in t.columns) + "</tr></thead>\n<tbody>")
     # short cells (numbers with their interval) stay on one line; long text (quotes, settings) wraps
-    out += ["<tr>" + "".join(f"<td class=\"wrap\">{html.escape(str(c))}</td>" if len(str(c)) > 40 or "no per-image" in str(c) else
+    out += ["<tr>" + "".join(f"<td class=\"wrap\">{html.escape(str(c))}</td>" if len(str(c)) > 30 or "no per-image" in str(c) else
                              f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in t.rows]
-    out.append("</tbody>\n</table>")
+    out.append("</tbody>\n</table></div>")  # a wide table scrolls instead of running off the page
     return "\n".join(out)
 
 
@@ -983,8 +994,8 @@ FIGURE_TITLES = {"accuracy.png": "Top-1 per protocol: runs sorted, whiskers = 95
                  "similarity.png": "SePP-ID: cosine similarity of the mined pairs"}
 CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1440px}table{border-collapse:collapse;font-size:13px}"
        "th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top;white-space:nowrap}"
-       "th{background:#f2f2f2}td.wrap{white-space:normal;min-width:9em}"
-       ".caption{color:#444;max-width:1100px}figure{margin:1em 0}img{width:100%;border:1px solid #eee}"
+       "th{background:#f2f2f2}td.wrap{white-space:normal;min-width:12em}.scroll{overflow-x:auto}"
+       ".caption{color:#444;max-width:1100px}figure{margin:1em 0}img{max-width:100%;height:auto;border:1px solid #eee}"
        "figcaption{color:#444;font-size:13px}")
 INTRO = ("Accuracies are top-1 in percent on the test split. A run's mean is over its training seeds, with a 95 % interval over "
          "seeds and test images; each paper's method is compared image by image with the run it builds on, and a "
