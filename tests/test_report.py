@@ -295,3 +295,29 @@ def test_loss_panels_plot_loss_terms_not_collapse_diagnostics():
     cols = ["epoch", "step", "loss", "dino", "patch", "matched", "teacher_entropy_cls", "prototypes_cls",
             "teacher_entropy_patch", "prototypes_patch", "lr", "views_per_s", "epoch_time_s", "knn_top1"]
     assert rb.loss_terms(cols) == ["dino", "patch", "matched"]
+
+
+def test_labels_of_points_at_one_x_never_overlap():
+    """Every 3-epoch run saw the same images: their points share x, and their names must still read."""
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    fig = Figure(figsize=(4, 3), layout="constrained")
+    ax = fig.add_subplot()
+    points = [(60000.0, 35.0 + 0.02 * i, f"run-{i}") for i in range(8)] + [(64000.0, 35.3, "pairs"), (300000.0, 36.0, "vit")]
+    for x, y, _ in points:
+        ax.errorbar([x], [y], yerr=[[0.5], [0.5]], fmt="o")
+    ax.set_xscale("log")
+    rb._label_points(ax, points)
+    rb.FigureCanvasAgg(fig)
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    boxes = {t.get_text(): Text.get_window_extent(t, renderer) for t in ax.texts}   # the words, not their leader lines
+    assert set(boxes) == {name for _, _, name in points}
+    names = sorted(boxes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not boxes[a].overlaps(boxes[b]), (a, b)
+    # right of the error bars of its own column (the "pairs" point sits a few points to the right)
+    bar_right = ax.transData.transform((64000.0, 35.3))[0]
+    assert all(boxes[f"run-{i}"].x0 > bar_right for i in range(8))

@@ -915,13 +915,14 @@ def cost_figure(metrics: list[RunMetrics], res: Results | None = None) -> bytes 
     for j, (xlabel, xs) in enumerate((("pretraining wall time (s)", [_num(m.pretrain.get("wall_time_s")) for m in runs]),
                                        ("images seen (steps x batch)", [_images_seen(m) for m in runs]))):
         ax = fig.add_subplot(1, 2, j + 1)
+        named = []
         for m, x in zip(runs, xs):
             if x is None:
                 continue
             y, iv = res.mean(m, key.key), res.interval(m, key.key)
             err = [[y - iv.lo], [iv.hi - y]] if iv is not None else None
             ax.errorbar([x], [y], yerr=err, fmt="o", color=colors[m.backbone], ms=4, capsize=2)
-            ax.annotate(m.run, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            named.append((x, y, m.run))
         for bb, floor in _floors(metrics).items():
             f = res.mean(floor, key.key)
             if f is not None:
@@ -935,7 +936,45 @@ def cost_figure(metrics: list[RunMetrics], res: Results | None = None) -> bytes 
         ax.grid(alpha=0.3, which="both")
         if j == 0 and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="lower right")
+        _label_points(ax, named)
     return _png(fig, FIG_DPI)
+
+
+LABEL_GAP_PT = 8.0      # a 6 pt label box is ~7.5 pt tall: the least vertical distance between two labels side by side
+LABEL_NEAR_PT = 45.0    # points closer than this in x share a column of labels
+
+
+def _label_points(ax, points: list[tuple[float, float, str]]) -> None:
+    """Name each point. Points at about the same x (e.g. every 3-epoch run saw the same images) get their labels
+    stacked at least LABEL_GAP_PT apart, centred on their points, each moved label linked to its point."""
+    if not points:
+        return
+    fig = ax.figure
+    FigureCanvasAgg(fig)
+    fig.draw_without_rendering()   # the layout fixes where the points land
+    at = [ax.transData.transform((x, y)) * 72 / fig.dpi for x, y, _ in points]   # in points
+    order = sorted(range(len(points)), key=lambda i: at[i][0])
+    columns = [[order[0]]]
+    for i in order[1:]:
+        if at[i][0] - at[columns[-1][-1]][0] > LABEL_NEAR_PT:
+            columns.append([])
+        columns[-1].append(i)
+    for col in columns:
+        col.sort(key=lambda i: at[i][1])
+        ys = np.array([at[i][1] for i in col])
+        lab = ys.copy()
+        for k in range(1, len(lab)):
+            lab[k] = max(lab[k], lab[k - 1] + LABEL_GAP_PT)
+        lab += (ys - lab).mean()   # the stack centred on its points: as much above as below
+        for i, ly in zip(col, lab):
+            x, y, text = points[i]
+            dy = float(ly - at[i][1])
+            moved = abs(dy) > 1.0
+            # right of every error bar within a few points of its own, so no label is struck through
+            clear = max(at[j][0] for j in col if abs(at[j][0] - at[i][0]) <= 16.0) - at[i][0]
+            dx = clear + (10 if moved else 4)
+            ax.annotate(text, (x, y), fontsize=6, xytext=(dx, dy), textcoords="offset points",
+                        va="center", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.55"} if moved else None)
 
 
 def similarity_figure(mine: dict) -> bytes | None:
