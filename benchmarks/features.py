@@ -6,8 +6,11 @@
 For each encoder (a trained `data/models/<run>/encoder.pt`) on the first `--images` train images:
   decode    reading the shards and the eval view alone (no model): what feeds the encoder
   bare      the backbone's forward alone on the same views, already decoded (batches of evaluate.batch_size)
+  bare-mon  the same in the kNN monitor's CPU batches (`pipeline.train.monitor.CPU_BATCH`), as the monitor
+            encodes its decoded-once views
   ours-wN   `extract_features` end to end with N DataLoader workers (N = 0 and evaluate.num_workers)
-Reported: images/s of each and ours / bare (1.0 = the model is the only cost). Meaningful only on an idle
+Reported: images/s of each, ours / bare as a time ratio (1.0 = the model is the only cost) and bare /
+bare-mon. Meaningful only on an idle
 machine: nothing else may run beside it.
 """
 from __future__ import annotations
@@ -15,10 +18,8 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,19 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline import paths  # noqa: E402
 from pipeline.data.eval_view import DEFAULT_CROP_RATIO, eval_transform  # noqa: E402
 from pipeline.data.shards import read_manifest  # noqa: E402
-from pipeline.eval.features import SplitBatches, extract_features, share, wanted_positions  # noqa: E402
+from benchmarks.loader import best_of  # noqa: E402
+from pipeline.eval.features import SplitBatches, extract_features, wanted_positions  # noqa: E402
 from pipeline.models.encoder_io import load_encoder  # noqa: E402
 from pipeline.params import load as load_params  # noqa: E402
+from pipeline.train.monitor import CPU_BATCH  # noqa: E402
 from pipeline.utils import atomic_write_json  # noqa: E402
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main(argv=None):
@@ -65,21 +59,23 @@ def main(argv=None):
 
     t_decode = best_of(decoded, a.repeats)
     batches = [x for _, x in decoded()]
+    small = list(torch.cat(batches).split(CPU_BATCH))
     rows = {}
     for run in a.runs:
         backbone, _ = load_encoder(paths.encoder(run))
 
         @torch.no_grad()
-        def bare():
-            for x in batches:
+        def bare(views=batches):
+            for x in views:
                 backbone(x)
 
         def ours(n):
             return lambda: extract_features(backbone, shard_dir, "train", ds["image_size"], ds["mean"], ds["std"],
                                             bs, "cpu", limit=a.images, num_workers=n)
 
-        t_bare = best_of(bare, a.repeats)
-        row = {"decode_img_s": len(wanted) / t_decode, "bare_img_s": len(wanted) / t_bare}
+        t_bare, t_mon = best_of(bare, a.repeats), best_of(lambda: bare(small), a.repeats)
+        row = {"decode_img_s": len(wanted) / t_decode, "bare_img_s": len(wanted) / t_bare,
+               f"bare_b{CPU_BATCH}_img_s": len(wanted) / t_mon, f"bare_over_bare_b{CPU_BATCH}": t_bare / t_mon}
         for n in sorted({0, workers}):
             t = best_of(ours(n), a.repeats)
             row[f"ours_w{n}_img_s"] = len(wanted) / t
@@ -87,9 +83,9 @@ def main(argv=None):
         rows[run] = row
         print(run, {k: round(v, 2) for k, v in row.items()}, flush=True)
     if not a.quick:
-        atomic_write_json({"images": len(wanted), "batch_size": bs, "torch_threads": torch.get_num_threads(),
-                                        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-                                        "torch": torch.__version__, "runs": rows}, Path(a.out))
+        atomic_write_json({"images": len(wanted), "batch_size": bs, "monitor_cpu_batch": CPU_BATCH,
+                           "torch_threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+                           "torch": torch.__version__, "runs": rows}, Path(a.out))
 
 
 if __name__ == "__main__":

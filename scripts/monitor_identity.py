@@ -8,19 +8,24 @@ path (`extract_features`, batch 512, shards read again) and the monitor's decode
 same bank features to the bit and the same kNN-200, and one pass of each is timed (meaningful on an idle
 machine only).
 """
-import json, time, sys
+import json
+import sys
+import time
 from pathlib import Path
+
 import numpy as np
-import torch
+
 from pipeline import params as P, paths
-from pipeline.models.encoder_io import load_encoder
-from pipeline.train.monitor import KnnMonitor
+from pipeline.data.shards import read_manifest
 from pipeline.eval.features import extract_features
 from pipeline.eval.knn import knn_accuracy
+from pipeline.models.encoder_io import load_encoder
+from pipeline.train.monitor import K, TEMPERATURE, KnnMonitor, spread
+
 p = P.load()
 ds = p["dataset"]
 sd = paths.shards(ds["name"])
-mons = {}
+mons, images = {}, {}
 ok = True
 for name in P.instances(p):
     s = json.loads(Path(f"reports/metrics/pretrain/{name}.json").read_text())
@@ -28,6 +33,7 @@ for name in P.instances(p):
         continue
     n_tr, n_te = s["knn_monitor_images"]
     m = mons.setdefault((n_tr, n_te), KnnMonitor(sd, n_tr, n_te, ds["image_size"], ds["mean"], ds["std"], "cpu"))
+    images[name] = (n_tr, n_te)
     enc, _ = load_encoder(paths.encoder(name))
     t = time.perf_counter(); got = m(enc); dt = time.perf_counter() - t
     want = s["knn_monitor"][-1]
@@ -36,15 +42,14 @@ for name in P.instances(p):
 # the old path (streamed, batch 512, decoded every time), timed beside the new on one ViT and one ResNet encoder
 for name in ["dino-vit", "gsssl"]:
     enc, _ = load_encoder(paths.encoder(name))
-    m = mons[(10000, 2000)]
+    n_tr, n_te = images[name]
+    m = mons[(n_tr, n_te)]
     t = time.perf_counter(); new = m(enc); t_new = time.perf_counter() - t
     t = time.perf_counter()
-    b, bl, _ = extract_features(enc, sd, "train", ds["image_size"], ds["mean"], ds["std"], 512, "cpu", limit=10000)
-    from pipeline.train.monitor import spread
-    from pipeline.data.shards import read_manifest
+    b, bl, _ = extract_features(enc, sd, "train", ds["image_size"], ds["mean"], ds["std"], 512, "cpu", limit=n_tr)
     q, ql, _ = extract_features(enc, sd, "test", ds["image_size"], ds["mean"], ds["std"], 512, "cpu",
-                                positions=spread(len(read_manifest(sd, "test")), 2000))
-    old = knn_accuracy(b, bl, q, ql, [200], 0.1)[200]; t_old = time.perf_counter() - t
+                                positions=spread(len(read_manifest(sd, "test")), n_te))
+    old = knn_accuracy(b, bl, q, ql, [K], TEMPERATURE)[K]; t_old = time.perf_counter() - t
     same_bank = np.array_equal(b, m._views["train"].encode(enc, "cpu"))
     print(f"bank features of {name}: streamed == decoded once: {same_bank}")
     ok &= same_bank

@@ -12,10 +12,11 @@ test split keeps the source's order, often sorted by class, where a prefix would
 classes; the others are not decoded. No random numbers are drawn, so a run trains bit-identically with the
 monitor on or off; the main rank computes it while the others wait.
 
-The images are decoded once per run and kept (`DecodedViews`) while they fit in `CACHE_BYTES`; each epoch
-then costs the encoder's forward alone. On a CPU the batches are small (`CPU_BATCH`): at 32 px a batch of 64
-stays in cache and encodes ~1.4-2x faster than 512 (`benchmarks/features.py`); the features do not depend
-on the batch size (tested), so the monitor's numbers are those of the streamed path.
+The images are decoded once per run and kept (`DecodedViews`) while they fit in `cache_bytes`; each epoch
+then costs the encoder's forward alone. On a CPU the batches are small (`CPU_BATCH`): at 32 px ResNet-18 w16
+encodes batches of 64 about 2x faster than 512, ViT-Tiny as fast (`bare_over_bare_b64` in
+benchmarks/results/features-cpu.json); the features do not depend on the batch size (tested), so the
+monitor's numbers are the streamed path's.
 """
 from __future__ import annotations
 
@@ -68,10 +69,11 @@ class DecodedViews:
 
 class KnnMonitor:
     def __init__(self, shard_dir: Path, train_images: int, test_images: int, image_size: int, mean, std,
-                 device, batch_size: int | None = None):
+                 device, batch_size: int | None = None, cache_bytes: int = CACHE_BYTES):
         self.shard_dir, self.train_images, self.test_images = shard_dir, train_images, test_images
         self.image_size, self.mean, self.std, self.device = image_size, mean, std, device
         self.batch_size = batch_size or (CPU_BATCH if str(device) == "cpu" else DEVICE_BATCH)
+        self.cache_bytes = cache_bytes
         self._views: dict[str, DecodedViews] = {}
 
     @property
@@ -86,7 +88,7 @@ class KnnMonitor:
 
     def _features(self, encoder: nn.Module, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
         view_args = (self.shard_dir, split, self.image_size, self.mean, self.std, self.batch_size)
-        if split not in self._views and n * 3 * self.image_size ** 2 * 4 <= CACHE_BYTES:
+        if split not in self._views and n * 3 * self.image_size ** 2 * 4 <= self.cache_bytes:
             self._views[split] = DecodedViews(*view_args, **self._where(split, n))
         if split in self._views:
             views = self._views[split]
