@@ -20,6 +20,7 @@ from pipeline.methods.pnnclr import PNNCLR, pseudo_neighbour
 from pipeline.params import Section
 from tests.test_byol_simsiam_nnclr import hand_cos, hand_info_nce, rows
 from tests.test_ddp import AUG, WORLD, TinyNet, _init, free_port
+from tests.close import close, gap
 
 HEADS = {"proj_hidden": 8, "proj_dim": 5, "proj_layers": 2}
 # Shuffle-BN off: the hand computations encode each key batch whole (Shuffle-BN: tests/test_shuffle_bn.py)
@@ -396,12 +397,12 @@ def test_ddp_matches_single_process_and_memories_are_identical(tmp_path):
                 grads = r[f"{name}.grads{step}"]
                 for n, p in single.named_parameters():
                     if p.grad is not None:
-                        assert torch.allclose(grads[n], p.grad, atol=1e-6), (name, step, n)
+                        assert close(grads[n], p.grad), (name, step, n, gap(grads[n], p.grad))
             opt.step()
             single.after_step(0.5)
         for key, v in single.state_dict().items():
             if key != "noise_step":
-                assert torch.allclose(v.float(), r0[f"{name}.state"][key].float(), atol=1e-5), (name, key)
+                assert close(v, r0[f"{name}.state"][key]), (name, key, gap(v, r0[f"{name}.state"][key]))
 
 
 # --- through the trainer ------------------------------------------------------------------------------------
