@@ -14,7 +14,8 @@ def run(argv) -> None:
     for inst in params.instances(p).values():
         seeds.setdefault(inst["run"], []).append(inst["seed"])
     written = build(".", p["runs"], p["dataset"]["name"], p["report"]["title"], pair_runs=p["pair_runs"],
-                    beside=p["report"].get("beside"), seeds=seeds, default_seed=p["seed"])
+                    beside=p["report"].get("beside"), seeds=seeds, default_seed=p["seed"],
+                    image_size=p["dataset"].get("image_size"))
     print(f"report: {len(seeds)} runs ({sum(map(len, seeds.values()))} instances) -> {', '.join(str(x) for x in written)}")
 
 

@@ -1,0 +1,106 @@
+"""The setup box: what this comparison could afford, read from the runs' own metrics (never hard-coded), the
+random-init floors, and why the accuracies sit far below the papers'.
+
+    facts = setup_facts(metrics, res, refs, dataset, image_size=32)   # [(label, text)], in reading order
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from pipeline.report.load import RunMetrics
+from pipeline.report.results import Results, floors, num
+
+
+def _join(items: list[str]) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def epochs_by_run(metrics: list[RunMetrics]) -> dict[int, list[str]]:
+    """{epochs: the trained runs that pretrained that many epochs}."""
+    out: dict[int, list[str]] = defaultdict(list)
+    for m in metrics:
+        if m.trained:
+            out[int(m.pretrain["epochs"])].append(m.run)
+    return dict(sorted(out.items()))
+
+
+def _hardware(metrics: list[RunMetrics]) -> str:
+    pres = [i.pretrain for m in metrics if m.trained for i in m.instances or [m]]
+    devices = sorted({str(p.get("device", "?")) for p in pres})
+    procs = sorted({int(p.get("world_size") or 1) for p in pres})
+    cores = sorted({int(c) for p in pres if (c := p.get("cpu_count") or p.get("cpu_threads"))})
+    text = f"{'/'.join(d.upper() if d == 'cpu' else d for d in devices)}, {'/'.join(map(str, procs))} process(es) per run"
+    if cores:
+        text += f", {'/'.join(map(str, cores))} cores"
+    return text
+
+
+def setup_facts(metrics: list[RunMetrics], res: Results, refs: list[dict], dataset: str,
+                image_size: int | None = None) -> list[tuple[str, str]]:
+    trained = [m for m in metrics if m.trained]
+    if not trained:
+        return []
+    insts = [i for m in trained for i in m.instances or [m]]
+    out: list[tuple[str, str]] = []
+    n_train = sorted({int(i.evaluate["n_train"]) for i in insts if i.evaluate.get("n_train")})
+    seen = sorted({int(i.pretrain["train_images"]) for i in insts if i.pretrain.get("train_images")})
+    if seen:
+        of = f" of the {n_train[-1]:,} training images of {dataset}" if n_train else f" of {dataset}"
+        out.append(("images", f"pretraining on {_join([f'{s:,}' for s in seen])}{of}"
+                    + (f", at {image_size} x {image_size} px" if image_size else "")
+                    + "; evaluated on the full splits"))
+    out.append(("backbones", _join(sorted({m.backbone for m in trained}))))
+    by_ep = epochs_by_run(metrics)
+    out.append(("epochs per run", "; ".join(f"{e} ({_join(runs)})" for e, runs in
+                                            sorted(by_ep.items(), key=lambda kv: -len(kv[1])))))
+    batches = sorted({int(i.pretrain["batch_size"]) for i in insts if i.pretrain.get("batch_size")})
+    if batches:
+        out.append(("batch", "/".join(map(str, batches))))
+    multi = [m.run for m in trained if len(m.seeds) > 1]
+    single = [m.run for m in trained if len(m.seeds) == 1]
+    n_seeds = max(len(m.seeds) for m in trained)
+    seeds = f"{n_seeds} training seeds for {len(multi)} runs (every compared run)" if multi else "1 training seed"
+    if multi and single:
+        seeds += f"; one seed for {_join(single)} (their intervals are over test images only)"
+    out.append(("seeds", seeds))
+    out.append(("hardware", _hardware(metrics)))
+    pre = sum(num(i.pretrain.get("wall_time_s")) or 0.0 for i in insts)
+    ev = sum(sum(v for v in (i.evaluate.get("seconds") or {}).values() if num(v) is not None)
+             for m in metrics for i in m.instances or [m])
+    out.append(("wall time", f"{_duration(pre + ev)} in all: pretraining {_duration(pre)} over {len(insts)} run "
+                f"instances, evaluation {_duration(ev)} (feature extraction not counted)"))
+    fl = []
+    for bb, f in floors(metrics).items():
+        cells = [f"{p} {v:.1f}" for p, key in (("kNN-200", "knn_200"), ("linear", "linear"))
+                 if (v := res.mean(f, key)) is not None]
+        if cells:
+            fl.append(f"{bb}: {', '.join(cells)}")
+    if fl:
+        out.append(("random-init floors", "an untrained encoder scores " + "; ".join(fl)))
+    out.append(("why far below the papers", why_low(metrics, res, refs, dataset)))
+    return out
+
+
+def why_low(metrics: list[RunMetrics], res: Results, refs: list[dict], dataset: str) -> str:
+    """One paragraph: the papers' linear accuracy on this dataset against ours, and what the budget lacks."""
+    ours = [v for m in metrics if m.trained and (v := res.mean(m, "linear")) is not None]
+    theirs = [r for r in refs if str(r["dataset"]).lower().replace("-", "") == dataset.lower().replace("-", "")
+              and r["protocol"] == "linear" and not r.get("pretrain_dataset") and r.get("epochs")]
+    by_ep = epochs_by_run(metrics)
+    text = ""
+    if theirs:
+        lo, hi = min(r["top1"] for r in theirs), max(r["top1"] for r in theirs)
+        eps = sorted({int(r["epochs"]) for r in theirs})
+        text += (f"The papers report {lo:.0f}-{hi:.0f} % in linear evaluation on {dataset} after "
+                 f"{eps[0]}-{eps[-1]} epochs on full-size backbones. ")
+    if ours:
+        text += f"Ours reach {min(ours):.1f}-{max(ours):.1f} % "
+    text += (f"after {_join([str(e) for e in by_ep])} epochs on narrow backbones and a subset of small images: "
+             "most runs add a few points to the untrained encoder. The comparisons below measure whether a paper's "
+             "idea helps at this early stage of training; they cannot test the papers' absolute numbers.")
+    return text
