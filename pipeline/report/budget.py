@@ -29,6 +29,14 @@ def epochs_by_run(metrics: list[RunMetrics]) -> dict[int, list[str]]:
     return dict(sorted(out.items()))
 
 
+def _epochs_text(by_ep: dict[int, list[str]]) -> str:
+    """'16 (dino-vit and pwself); 4 (dino); 3 (every other run)': the most common count last, unnamed."""
+    groups = sorted(by_ep.items(), key=lambda kv: len(kv[1]))
+    if len(groups) == 1:
+        return f"{groups[0][0]} (every run)"
+    return "; ".join([f"{e} ({_join(runs)})" for e, runs in groups[:-1]] + [f"{groups[-1][0]} (every other run)"])
+
+
 def _hardware(metrics: list[RunMetrics]) -> str:
     pres = [i.pretrain for m in metrics if m.trained for i in m.instances or [m]]
     devices = sorted({str(p.get("device", "?")) for p in pres})
@@ -55,9 +63,7 @@ def setup_facts(metrics: list[RunMetrics], res: Results, refs: list[dict], datas
                     + (f", at {image_size} x {image_size} px" if image_size else "")
                     + "; evaluated on the full splits"))
     out.append(("backbones", _join(sorted({m.backbone for m in trained}))))
-    by_ep = epochs_by_run(metrics)
-    out.append(("epochs per run", "; ".join(f"{e} ({_join(runs)})" for e, runs in
-                                            sorted(by_ep.items(), key=lambda kv: -len(kv[1])))))
+    out.append(("epochs per run", _epochs_text(epochs_by_run(metrics))))
     batches = sorted({int(i.pretrain["batch_size"]) for i in insts if i.pretrain.get("batch_size")})
     if batches:
         out.append(("batch", "/".join(map(str, batches))))
