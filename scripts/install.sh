@@ -12,3 +12,10 @@ python -m pip install -q $TORCH
 python -m pip install -q -e '.[test]'
 # DVC needs a git repository; a tarball checkout gets one
 git rev-parse --git-dir >/dev/null 2>&1 || git init -q
+# A headless browser for the report's layout test (tests/test_report_browser.py, skipped without one): only as root
+# with apt, and never fatal
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (timeout 600 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq \
+     --no-install-recommends chromium fonts-dejavu-core) >/dev/null 2>&1 \
+    || echo "install.sh: chromium not installed (apt failed): the report's browser test will be skipped" >&2
+fi

@@ -217,7 +217,7 @@ def seppid_tables(metrics: list[RunMetrics], mine: dict, res: Results) -> list[T
     dk = _delta_k(metrics)
     keys = [k for k in (f"knn_{dk}", "linear") if any(p.key == k for p in protocols(metrics))]
     label = {f"knn_{dk}": f"kNN-{dk}", "linear": "linear"}
-    cols = ["run", "pairs", "base run", "seeds"]
+    cols = ["run", "base run", "seeds"]
     for k in keys:
         cols += [label[k], f"Δ {label[k]}", f"Δ {label[k]} [95 %]"]
     rows = []
@@ -225,7 +225,7 @@ def seppid_tables(metrics: list[RunMetrics], mine: dict, res: Results) -> list[T
         if m.pairs is None:
             continue
         base = base_run(metrics, m)
-        row = [m.run, m.pairs, base.run if base else f"{DASH} (no plain {m.method} run on {m.backbone})",
+        row = [m.run, base.run if base else f"{DASH} (no plain {m.method} run on {m.backbone})",
                f"{len(m.seeds)} / {len(base.seeds)}" if base else str(len(m.seeds))]
         for k in keys:
             ours, ref = res.mean(m, k), (res.mean(base, k) if base else None)
@@ -336,7 +336,8 @@ def summary_methods_table(comps: list[Comparison], res: Results, primary: dict[t
     cols = ["method vs base"] + [p.label for p in protos]
     rows = []
     for c in comps:
-        row = [c.label + (" (SePP-ID Table 9 control)" if c.kind == "control" else "")]
+        row = [c.label + (" (semantic pairs vs Table 9 control)" if c.kind == "control" else
+                          " (Table 9 control vs base)" if c.run.pairs == "random" else "")]
         for p in protos:
             d = res.difference(c.run, c.base, p.key)
             mark = PRIMARY_MARK if primary.get((c.run.run, c.base.run)) == p.key else ""
