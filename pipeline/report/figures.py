@@ -180,8 +180,8 @@ def _label_points(ax, points: list[tuple[float, float, str]]) -> None:
             x, y, text = points[i]
             dy = float(ly - at[i][1])
             moved = abs(dy) > 1.0
-            # right of every error bar within a few points of its own, so no label is struck through
-            clear = max(at[j][0] for j in col if abs(at[j][0] - at[i][0]) <= 16.0) - at[i][0]
+            # right of every error bar of its column, so no label is struck through
+            clear = max(at[j][0] for j in col) - at[i][0]
             dx = clear + (10 if moved else 4)
             ax.annotate(text, (x, y), fontsize=6, xytext=(dx, dy), textcoords="offset points",
                         va="center", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.55"} if moved else None)
