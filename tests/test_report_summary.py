@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from pipeline.report import build as rb
 from pipeline.report import page, stats
 from pipeline.report.claims import CONTRADICTED, INCONCLUSIVE, NOT_TESTED, REPRODUCED, outcome
 from pipeline.report.tables import Table, shown_epochs
+from tests.close import close
 
 N = 400   # test images; accuracies move in steps of 0.25 points
 RUNS = {"mocov2": {"method": "mocov2", "backbone": "r18"}, "leoclr": {"method": "leoclr", "backbone": "r18"},
@@ -101,6 +103,27 @@ def test_no_table_shows_one_seed_where_the_mean_is_meant(report):
     row = dict(zip(gain.columns, gain.rows[0]))
     assert row["kNN-200"] == "52.50" and row["Δ kNN-200"] == "+2.50"     # means over the 3 seeds: 52.5 - 50.0
     assert row["seeds"] == "3 / 3"
+
+
+def test_forest_plot_has_a_row_per_pair_and_protocol_with_primaries_marked(report):
+    from pipeline.report.claims import comparisons, primary_keys
+    from pipeline.report.figures import forest_rows
+    from pipeline.report.results import Results
+
+    root, rep = report
+    metrics = rb.load_runs(root, RUNS, PAIR_RUNS, {"leoclr": "mocov2"}, SEEDS)
+    bases = rb.base_runs(metrics, {"leoclr": "mocov2"})
+    comps = comparisons(metrics, bases)
+    res = Results(metrics, n_boot=200)
+    primary = primary_keys(rb.load_claims(), metrics, bases)
+    rows = forest_rows(comps, res, primary, metrics)
+    # 4 pairs (leoclr, the two pair runs against mocov2, semantic against control) x kNN-10, kNN-200, linear, semi 1%
+    assert len(rows) == 4 * 4
+    assert [(r[0], r[1]) for r in rows if r[3]] == [("leoclr vs mocov2", "linear"), ("seppid-mocov2 vs mocov2", "linear"),
+                                                    ("seppid-mocov2 vs seppid-random (control)", "linear")]
+    leo = next(r[2] for r in rows if r[0] == "leoclr vs mocov2" and r[1] == "kNN-200")
+    assert close(torch.tensor(leo.mean), torch.tensor(10.0), rel=1e-9) and leo.lo > 0
+    assert rep.figures["forest.png"].startswith(b"\x89PNG") and rep.figures["accuracy.png"].startswith(b"\x89PNG")
 
 
 def test_semantic_pairs_are_compared_with_the_table_9_control(report):

@@ -208,19 +208,25 @@ def similarity_figure(mine: dict) -> bytes | None:
 
 # --- the forest plot and the dot plots -----------------------------------------------------------------------
 
+def forest_rows(comps: list[Comparison], res: Results, primary: dict[tuple[str, str], str],
+                metrics: list[RunMetrics]) -> list[tuple[str, str, stats.Difference, bool]]:
+    """The forest plot's rows, top to bottom: (pair, protocol, paired difference, is a claim's primary measure)."""
+    rows = []
+    for c in comps:
+        for p in summary_protocols(metrics):
+            d = res.difference(c.run, c.base, p.key)
+            if d is not None:
+                rows.append((c.label + (" (control)" if c.kind == "control" else ""), p.label, d,
+                             primary.get((c.run.run, c.base.run)) == p.key))
+    return rows
+
+
 def forest_figure(comps: list[Comparison], res: Results, primary: dict[tuple[str, str], str],
                   metrics: list[RunMetrics]) -> bytes | None:
     """Paired differences (run minus base, points) with their 95 % intervals: one row per compared pair and
     protocol, grouped by pair, a line at 0, coloured by verdict; a claim's primary measure is a filled diamond with
     its label in bold, exploratory ones are small dots."""
-    protos = summary_protocols(metrics)
-    rows = []   # (pair label, protocol label, difference, primary)
-    for c in comps:
-        for p in protos:
-            d = res.difference(c.run, c.base, p.key)
-            if d is not None:
-                rows.append((c.label + (" (control)" if c.kind == "control" else ""), p.label, d,
-                             primary.get((c.run.run, c.base.run)) == p.key))
+    rows = forest_rows(comps, res, primary, metrics)
     if not rows:
         return None
     fig = Figure(figsize=(FIG_WIDTH, 0.8 + 0.16 * len(rows) + 0.1 * len(comps)), layout="constrained")
