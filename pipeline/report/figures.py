@@ -258,8 +258,7 @@ def forest_figure(comps: list[Comparison], res: Results, primary: dict[tuple[str
                ((stats.BETTER, "better"), (stats.WORSE, "worse"), (stats.SAME, "≈ (interval contains 0)"))]
     handles.append(Line2D([], [], color="0.3", marker="D", markeredgecolor="black", lw=2.2,
                           label="a claim's primary measure (bold)"))
-    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.04 - 3.0 / max(len(rows), 10)),
-              ncol=4, frameon=False)
+    fig.legend(handles=handles, fontsize=7, loc="outside lower center", ncol=4, frameon=False)
     return _png(fig, FIG_DPI)
 
 

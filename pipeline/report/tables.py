@@ -391,11 +391,16 @@ def claims_table(results: list[ClaimResult], papers: dict[str, dict], res: Resul
                 if acc is not None:
                     verdict += f"; mined pairs {100 * acc:.1f} % same-label (paper: 92.03 %)"
             rows.append([name, comp.label, cell, verdict, labels.get(r.key, r.key) + flag(m, r.key),
-                         f"{len(m.seeds)} + {len(base.seeds)} seeds, {m.pretrain.get('epochs', DASH)} epochs"])
+                         f"{len(m.seeds)} + {len(base.seeds)} seeds, {_epochs_pair(m, base)} epochs"])
     return Table("Claims against our runs, pair by pair", cols, rows,
                  "Each paper's headline claim against our pair of runs at this budget (a verdict says what this budget "
                  "can detect, not whether the paper is right). " + DIFF_NOTE,
                  key_columns=("difference [95 % interval]", "verdict"), notes=notes, anchor="claims")
+
+
+def _epochs_pair(m: RunMetrics, base: RunMetrics) -> str:
+    a, b = m.pretrain.get("epochs", DASH), base.pretrain.get("epochs", DASH)
+    return str(a) if a == b else f"{a} / {b}"
 
 
 DIFF_NOTE = ("Difference in points, run minus base, on the same test images, with its 95 % interval (bootstrap over "
