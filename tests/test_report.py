@@ -213,7 +213,7 @@ def test_beside_places_a_method_after_its_base_with_differences(tmp_path):
         del KNN["leoclr"]
     ours = _md_rows(rep.markdown, "kNN accuracy")
     assert [r[0] for r in ours[1:]] == ["simclr", "mocov2", "leoclr", "random-r18"]
-    side = _md_rows(rep.markdown, "Methods beside their base")
+    side = _md_rows(rep.markdown, "Every pair on every protocol")
     cell = {r[1]: dict(zip(side[0], r)) for r in side[1:] if r[0] == "leoclr vs mocov2"}
     assert cell["kNN-200"]["difference [95 % interval]"] == "+2.50 (no interval)"      # 43.0 - 40.5
     assert cell["linear"]["difference [95 % interval]"] == "+2.50 (no interval)" and cell["linear"]["measure"] == "primary"
@@ -275,7 +275,7 @@ def test_seeds_and_predictions_give_intervals_verdicts_and_flags(tmp_path):
     cell = knn["leoclr"]["kNN-200"]
     mean, lo, hi = map(float, re.fullmatch(r"([\d.]+) \[([\d.]+), ([\d.]+)\]", cell).groups())
     assert mean == 60.0 and lo < 60 < hi and knn["leoclr"]["seeds"] == "3"
-    side = _md_rows(rep.markdown, "Methods beside their base")
+    side = _md_rows(rep.markdown, "Every pair on every protocol")
     row = {r[1]: dict(zip(side[0], r)) for r in side[1:]}
     # leoclr is right on every image mocov2 gets right, and on 40 more: +10 points, clearly better
     assert row["kNN-200"]["difference [95 % interval]"].startswith("+10.00 [") and row["kNN-200"]["verdict"] == "better"

@@ -128,7 +128,7 @@ def test_forest_plot_has_a_row_per_pair_and_protocol_with_primaries_marked(repor
 
 def test_semantic_pairs_are_compared_with_the_table_9_control(report):
     _, rep = report
-    side = next(t for t in rep.tables if t.title == "Methods beside their base")
+    side = next(t for t in rep.tables if t.title == "Every pair on every protocol")
     pairs = {r[0] for r in side.rows}
     assert "seppid-mocov2 vs seppid-random" in pairs and "seppid-mocov2 vs mocov2" in pairs
     row = next(dict(zip(side.columns, r)) for r in side.rows if r[0] == "seppid-mocov2 vs seppid-random" and r[1] == "linear")

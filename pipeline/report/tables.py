@@ -427,7 +427,7 @@ def comparison_table(comps: list[Comparison], res: Results, primary: dict[tuple[
                 cell, verdict = _interval(d), SHORT_VERDICT[d.verdict] + ("" if min(d.seeds, d.seeds_base) > 1 else " (1 seed)")
             measure = "primary" if primary.get((c.run.run, c.base.run)) == p.key else "exploratory"
             rows.append([c.label, p.label + fl, cell, verdict, measure])
-    return Table("Methods beside their base", cols, rows,
+    return Table("Every pair on every protocol", cols, rows,
                  "Each run against the run it builds on, and SePP-ID's semantic pairs against its Table 9 control. "
                  + DIFF_NOTE + " † : a fit of either run did not converge." + _no_predictions_note(
                      [*{id(x): x for c in comps for x in (c.run, c.base)}.values()], res),
