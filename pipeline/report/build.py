@@ -35,6 +35,12 @@ from pipeline.report.tables import (Table, claims_table, comparison_table, conve
                                     select_references, seppid_tables, summary_claims_table, summary_methods_table)
 from pipeline.utils import atomic_write_bytes, atomic_write_text
 
+# the entry points, and the pieces older callers and tests import from here
+__all__ = ["Report", "build", "build_report", "write_report", "FigureCanvasAgg", "REFERENCES", "REF_REQUIRED",
+           "SEED_PAPERS", "RunMetrics", "base_run", "base_runs", "load_claims", "load_mine", "load_papers",
+           "load_references", "load_run", "load_runs", "select_references", "loss_terms", "_label_points", "Table",
+           "Results"]
+
 
 @dataclass
 class Report:
@@ -104,7 +110,10 @@ def build_report(root: str | Path, runs: dict[str, dict], dataset: str, title: s
 
     sections = _sections(metrics, res, comps, results, primary, papers, labels, mine, refs, methods, dataset,
                          image_size)
-    md, page = render(title, sections, figures)
+    lead = (f"Self-supervised methods pretrained on {dataset} at a small budget (see the setup box) and evaluated on "
+            "frozen features; each paper's method is compared, image by image, with the method it builds on. "
+            "Accuracies are top-1 in percent on the test split.")
+    md, page = render(title, sections, figures, lead)
     tables = [i for s in sections for i in s.items if isinstance(i, Table)]
     return Report(title, md, page, figures, tables)
 

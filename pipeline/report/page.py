@@ -83,9 +83,9 @@ def _item_markdown(item, prefix: str, figures: dict[str, bytes]) -> str:
     raise TypeError(f"unknown page item {type(item).__name__}")
 
 
-def markdown(title: str, sections: list[Section], figures: dict[str, bytes]) -> str:
+def markdown(title: str, sections: list[Section], figures: dict[str, bytes], lead: str = "") -> str:
     # sections are level-1 headings so that each table's level-2 heading delimits exactly its own rows
-    out = [f"# {title}", ""]
+    out = [f"# {title}", ""] + ([lead, ""] if lead else [])
     for s in sections:
         prefix = "Appendix: " if s.appendix else ""
         out += [f"# {prefix}{s.title}", ""]
@@ -167,8 +167,8 @@ def _item_html(item, prefix: str, figures: dict[str, bytes]) -> str:
     raise TypeError(f"unknown page item {type(item).__name__}")
 
 
-def page_html(title: str, sections: list[Section], figures: dict[str, bytes]) -> str:
-    body = [f"<h1>{html.escape(title)}</h1>"]
+def page_html(title: str, sections: list[Section], figures: dict[str, bytes], lead: str = "") -> str:
+    body = [f"<h1>{html.escape(title)}</h1>"] + ([f"<p>{html.escape(lead)}</p>"] if lead else [])
     for s in sections:
         prefix = "Appendix: " if s.appendix else ""
         anchor = f" id=\"{s.anchor}\"" if s.anchor else ""
@@ -178,6 +178,7 @@ def page_html(title: str, sections: list[Section], figures: dict[str, bytes]) ->
     return Template(TEMPLATE.read_text()).substitute(title=html.escape(title), body="\n".join(body))
 
 
-def render(title: str, sections: list[Section], figures: dict[str, bytes]) -> tuple[str, str]:
-    """(markdown, html) of the page. Markdown links the PNGs under figures/; the HTML embeds them."""
-    return markdown(title, sections, figures), page_html(title, sections, figures)
+def render(title: str, sections: list[Section], figures: dict[str, bytes], lead: str = "") -> tuple[str, str]:
+    """(markdown, html) of the page, `lead` a sentence under the title. Markdown links the PNGs under figures/; the
+    HTML embeds them."""
+    return markdown(title, sections, figures, lead), page_html(title, sections, figures, lead)

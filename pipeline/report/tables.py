@@ -17,7 +17,7 @@ from pipeline.report.claims import (NOT_TESTED, SEPPID_METHOD, SHORT_VERDICT, Cl
                                     summary_protocols, where)
 from pipeline.report.load import FLOOR_METHOD, RunMetrics, base_run
 from pipeline.report.results import (DASH, Results, flag, floors, fmt, k_sort, not_converged, num,
-                                     pct_label, protocols, semi_entry)
+                                     protocols, semi_entry)
 
 
 @dataclass
