@@ -42,7 +42,8 @@ def _hardware(metrics: list[RunMetrics]) -> str:
     devices = sorted({str(p.get("device", "?")) for p in pres})
     procs = sorted({int(p.get("world_size") or 1) for p in pres})
     cores = sorted({int(c) for p in pres if (c := p.get("cpu_count") or p.get("cpu_threads"))})
-    text = f"{'/'.join(d.upper() if d == 'cpu' else d for d in devices)}, {'/'.join(map(str, procs))} process(es) per run"
+    n = "one process" if procs == [1] else f"{'/'.join(map(str, procs))} processes"
+    text = f"{'/'.join(d.upper() if d == 'cpu' else d for d in devices)}, {n} per run"
     if cores:
         text += f", {'/'.join(map(str, cores))} cores"
     return text
@@ -70,7 +71,8 @@ def setup_facts(metrics: list[RunMetrics], res: Results, refs: list[dict], datas
     multi = [m.run for m in trained if len(m.seeds) > 1]
     single = [m.run for m in trained if len(m.seeds) == 1]
     n_seeds = max(len(m.seeds) for m in trained)
-    seeds = f"{n_seeds} training seeds for {len(multi)} runs (every compared run)" if multi else "1 training seed"
+    seeds = (f"{n_seeds} training seeds for " + (_join(multi) if len(multi) <= 3 else f"{len(multi)} runs")
+             if multi else "1 training seed for every run")
     if multi and single:
         seeds += f"; one seed for {_join(single)} (their intervals are over test images only)"
     out.append(("seeds", seeds))
