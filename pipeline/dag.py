@@ -98,7 +98,20 @@ def code_deps(script: str, modules: tuple[str, ...] = ()) -> list[str]:
     files = import_closure_files([ROOT / script])
     for m in modules:
         files |= _closure_of_module(m)
-    return sorted(f.relative_to(ROOT).as_posix() for f in files)
+    return sorted(f.relative_to(ROOT).as_posix() for f in files | _package_data(files))
+
+
+# a package's non-Python files (references, templates) are read by its modules: they are code too
+DATA_SUFFIXES = (".yaml", ".yml", ".json", ".html", ".txt")
+
+
+def _package_data(files: set[Path]) -> set[Path]:
+    out = set()
+    for d in {f.parent for f in files}:
+        out |= {q for q in d.iterdir() if q.is_file() and q.suffix in DATA_SUFFIXES}
+        out |= {q for sub in d.iterdir() if sub.is_dir() and not (sub / "__init__.py").exists()
+                and sub.name != "__pycache__" for q in sub.rglob("*") if q.is_file() and q.suffix in DATA_SUFFIXES}
+    return out
 
 
 # --- the stages --------------------------------------------------------------------------------------
@@ -205,7 +218,8 @@ def stages(p: dict) -> dict:
         + [paths.predictions(n).as_posix() for n in insts]
         + [paths.curve(n).as_posix() for n in insts]
         + [paths.mine_metrics().as_posix()],
-        "params": ["seed", "runs", "pair_runs", "report", "dataset.name", *(["seeds"] if p.get("seeds") else [])],
+        "params": ["seed", "runs", "pair_runs", "report", "dataset.name", "dataset.image_size",
+                   *(["seeds"] if p.get("seeds") else [])],
         "outs": [{o.as_posix(): {"cache": False}} for o in paths.report_outputs()],
     }
     return out

@@ -6,6 +6,7 @@ import ast
 import pytest
 
 from pipeline import dag
+from pipeline.dag import DATA_SUFFIXES
 from pipeline import params as P
 from pipeline.methods import registry
 from tests.conftest import ROOT
@@ -69,7 +70,16 @@ def test_code_deps_are_files_never_directories(cpu):
     for name, st in stages.items():
         for dep in st["deps"]:
             if dep.startswith(("pipeline", "stages")):
-                assert dep.endswith(".py") and (ROOT / dep).is_file(), (name, dep)
+                assert dep.endswith((".py", *DATA_SUFFIXES)) and (ROOT / dep).is_file(), (name, dep)
+
+
+def test_the_report_reads_its_package_data(cpu):
+    # the references and the HTML template change the report as much as its code does
+    _, stages = cpu
+    deps = stages["report"]["deps"]
+    assert {"pipeline/report/references.yaml", "pipeline/report/templates/report.html"} <= set(deps)
+    assert not any(d.endswith(DATA_SUFFIXES) for s, st in stages.items() if s != "report" for d in st["deps"]
+                   if d.startswith("pipeline"))
 
 
 def test_the_encoder_loader_reaches_every_stage_that_loads_encoders(cpu):
