@@ -93,9 +93,30 @@ PAPER_VALUES = [
     ("stl10", "pnnclr", "method.beta", 0.10, "pNNCLR Table 5"),
     ("stl10", "pnnclr", "method.pseudo", True, "pNNCLR Table 4"),
     ("stl10", "pnnclr", "method.noise", True, "pNNCLR Table 4"),
+    # --- issue 26: the second fidelity reading
+    ("gpu-resnet18", "mocov2", "method.momentum", 0.999, "MoCo §3.2 / MoCo-v2: m = 0.999, as LeOCLR eq. 1"),
+    *[(profile, run, "method.proj_bn", False, "MoCo-v2 §2: Linear-ReLU-Linear head")
+      for profile in ("cpu", "gpu-resnet18", "imagenet1k") for run in ("mocov2", "leoclr")],
+    ("gpu-resnet18", "gsssl-mocov2", "train.warmup_epochs", 0, "MoCo-v2 §2: no warm-up, as mocov2"),
+    ("gpu-resnet18", "barlow_twins", "method.bias_lr_ratio", 0.0048 / 0.2, "Barlow Twins §4: 0.0048 biases / BN"),
+    *[("gpu-resnet18", "nnclr", key, val, PNNCLR + ' "for all SSL methods"') for key, val in (
+        ("train.optimizer", "adam"), ("train.lr", 0.001), ("train.batch_size", 64), ("train.epochs", 100),
+        ("method.support_size", 10000), ("method.proj_dim", 2048))],
+    ("gpu-resnet18", None, "mine.encoder_run", "mocov2-sampler", "SePP-ID §3.1 / §4: a separate sampler run"),
+    ("cpu", None, "mine.encoder_run", "mocov2-sampler", "SePP-ID §3.1 / §4: a separate sampler run"),
+    *[(profile, run, "method.drop_path", 0.1, "DINO's code: --drop_path_rate 0.1 (student)")
+      for profile in ("cpu", "gpu-resnet18", "imagenet100") for run in ("dino-vit", "pwself")],
+    *[(profile, run, "train.grad_clip_mode", "per_param", "DINO's code: utils.clip_gradients")
+      for profile in ("cpu", "gpu-resnet18", "imagenet100") for run in ("dino-vit", "pwself")],
+    ("imagenet1k", "simclr", "method.augment.crop_scale", [0.08, 1.0], "SimCLR App. A, as LeOCLR Table 1 cites it"),
+    ("imagenet1k", "simclr", "method.augment.color_jitter", [0.8, 0.8, 0.8, 0.2], "SimCLR App. A: strength 1"),
+    ("imagenet1k", "byol", "method.augment.crop_scale", [0.08, 1.0], "BYOL Table 6"),
+    ("imagenet1k", "byol", "method.augment.color_jitter", [0.4, 0.4, 0.2, 0.1], "BYOL Table 6"),
+    ("stl10", "pnnclr", "method.blur_p", [0.5, 0.5], "the shared views, as nnclr's"),
+    ("stl10", "pnnclr", "method.solarize_p", [0.0, 0.0], "the shared views, as nnclr's"),
 ]
 
-PRESETS = ("gpu-resnet18", "imagenet1k", "imagenet100", "stl10")
+PRESETS = ("cpu", "gpu-resnet18", "imagenet1k", "imagenet100", "stl10")
 
 
 def rendered(name: str) -> dict:
@@ -154,3 +175,33 @@ def test_beside_pairs_share_the_trainer_settings(params):
         p = params[name]
         for run, base in p["report"].get("beside", {}).items():
             assert method_config(p, run)[2] == method_config(p, base)[2], f"{name}: {run} vs {base}"
+
+
+def test_a_presets_pair_lists_replace_its_bases(tmp_path, monkeypatch):
+    """`report.beside` / `report.controls` of a profile replace what it extends (issue 26: the GPU preset's pairs
+    were deep-merged into the CPU list), while other report keys still merge."""
+    import pipeline.profile as prof
+
+    (tmp_path / "cpu.yaml").write_text((PROFILES / "cpu.yaml").read_text())
+    (tmp_path / "child.yaml").write_text("extends: cpu\nreport:\n  beside: {leoclr: mocov2, pnnclr: null}\n")
+    monkeypatch.setattr(prof, "PROFILES", tmp_path)
+    p = prof.resolve("child")
+    assert p["report"]["beside"] == {"leoclr": "mocov2"}
+    assert p["report"]["controls"] == prof.resolve("cpu")["report"]["controls"]   # not set: inherited whole
+    assert p["report"]["title"] == prof.resolve("cpu")["report"]["title"]
+
+
+def test_the_imagenet1k_views_of_simclr_and_byol_are_their_own(params):
+    """A method's `augment` keys replace the shared section's for its views only (pipeline/methods/base.py)."""
+    from pipeline.train.trainer import build_method
+
+    p = params["imagenet1k"]
+    assert p["augment"]["crop_scale"] == [0.2, 1.0]
+    for run, jitter in (("simclr", [0.8, 0.8, 0.8, 0.2]), ("byol", [0.4, 0.4, 0.2, 0.1]), ("mocov2", [0.4, 0.4, 0.4, 0.1])):
+        small = {**p, "backbones": {**p["backbones"], "resnet50": {"arch": "resnet18", "width": 8, "cifar_stem": True}},
+                 "methods": {**p["methods"], **{m: {**p["methods"][m], "proj_hidden": 8, "pred_hidden": 8}
+                                                for m in ("simclr", "byol")},
+                             "mocov2": {**p["methods"]["mocov2"], "queue_size": 16, "proj_hidden": 8}}}
+        method = build_method(small, run)[0]
+        assert method.augment["color_jitter"] == jitter, run
+        assert method.augment["crop_scale"] == ([0.2, 1.0] if run == "mocov2" else [0.08, 1.0]), run
