@@ -93,8 +93,8 @@ def test_dino_and_pwself_runs_clip_per_parameter():
     from pipeline.params import method_config, validate
     from pipeline.profile import resolve
 
-    for profile, runs in (("cpu", ("dino", "dino-vit", "pwself")), ("gpu-resnet18", ("dino", "dino-vit", "pwself")),
-                          ("imagenet100", ("dino-vit", "pwself"))):
+    for profile, runs in (("cpu", ("dino", "dino-vit", "pwself")), ("gpu-resnet18", ("dino",)),
+                          ("imagenet100", ("dino-vit", "pwself")), ("cifar10-vit", ("dino-vit", "pwself"))):
         p = validate(resolve(profile))
         for run in runs:
             train = method_config(p, run)[2]
