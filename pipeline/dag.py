@@ -143,9 +143,11 @@ def _pretrain(p: dict, name: str, inst: dict) -> dict:
     ds = p["dataset"]["name"]
     loaded = (registry.module_of(spec["method"]),) + ((MONITOR,) if _monitored(p, name) else ())
     deps = code_deps("stages/pretrain.py", loaded) + [paths.shards(ds).as_posix()]
-    prm = ["seed", "dataset.name", "dataset.image_size", "dataset.mean", "dataset.std", "augment",
-           *_shared_train_keys(p, spec), f"{inst['section']}.{inst['run']}", f"methods.{spec['method']}",
-           f"backbones.{spec['backbone']}"]
+    # a method that trains nothing (the random-init floor) reads no augmentation and no trainer setting
+    trains = getattr(registry.get(spec["method"]), "TRAINS", True)
+    recipe = ["augment", *_shared_train_keys(p, spec)] if trains else []
+    prm = ["seed", "dataset.name", "dataset.image_size", "dataset.mean", "dataset.std", *recipe,
+           f"{inst['section']}.{inst['run']}", f"methods.{spec['method']}", f"backbones.{spec['backbone']}"]
     if spec.get("pairs"):   # SePP-ID: the originals plus the mine stage's pairs
         deps.append(paths.pairs(ds).as_posix())
         prm.append("mine")

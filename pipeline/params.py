@@ -31,10 +31,16 @@ BACKBONE = Section(
     {"arch": Str(ARCHS), "width": Int(2), "cifar_stem": Bool(), "patch_size": Int(1), "depth": Int(1)},
     optional=("width", "cifar_stem", "patch_size", "depth"),
 )
-AUGMENT = Section({
+AUGMENT_KEYS: dict[str, Validator] = {
     "crop_scale": Range01(), "hflip": Float(0, 1), "color_jitter": List(Float(0), 4), "color_jitter_p": Float(0, 1),
     "grayscale_p": Float(0, 1), "blur_p": Float(0, 1), "solarize_p": Float(0, 1),
-})
+}
+AUGMENT = Section(AUGMENT_KEYS)
+# keys every method block (and run override) may set, beside the method's own PARAMS (pipeline/methods/base.py):
+# `loss_scale` multiplies the loss the trainer backpropagates (a step-size control); `augment` replaces keys of the
+# shared augment section for this method's views (e.g. SimCLR's own crop and jitter in a MoCo-v2 preset)
+METHOD_KEYS: dict[str, Validator] = {"loss_scale": Float(0, open_min=True),
+                                     "augment": Section(AUGMENT_KEYS, optional=tuple(AUGMENT_KEYS))}
 TRAIN_KEYS: dict[str, Validator] = {
     "epochs": Int(0), "train_subset": Int(0), "batch_size": Int(1), "num_workers": Int(0),
     "optimizer": Str(("sgd", "lars", "adam", "adamw")), "lr": Float(0), "momentum": Float(0, 1),
@@ -42,11 +48,14 @@ TRAIN_KEYS: dict[str, Validator] = {
     "checkpoint_every": Int(1), "amp": Str(("bf16", "fp16", "off")), "channels_last": Bool(),
     "sync_bn": Bool(), "grad_clip": Float(0), "lr_scaling": Str(("linear", "none")),
     "weight_decay_end": Float(0), "knn_monitor": List(Int(0), 2), "knn_monitor_every": Int(1), "sync_every": Int(1),
+    # global: one norm over all gradients; per_param: each parameter's own (DINO's and PW-Self's code), see optim.py
+    "grad_clip_mode": Str(("global", "per_param")),
 }
 # train keys that change how fast a run goes, never what it computes: no stage depends on them, and a run
 # may resume with other values
 RUNTIME_TRAIN_KEYS = ("num_workers", "checkpoint_every", "sync_every")
-TRAIN = Section(TRAIN_KEYS, optional=("lr_scaling", "weight_decay_end", "knn_monitor", "knn_monitor_every", "sync_every"))
+TRAIN = Section(TRAIN_KEYS, optional=("lr_scaling", "weight_decay_end", "knn_monitor", "knn_monitor_every", "sync_every",
+                                      "grad_clip_mode"))
 RUN = Section({"method": Str(), "backbone": Str(), "overrides": lambda v, k: v}, optional=("overrides",))
 PAIR_KINDS = ("semantic", "random")
 # a run trained on the original images plus a pair set of the mine stage (SePP-ID §3.2)
@@ -67,8 +76,11 @@ EVALUATE = Section({
     # view's centre-crop ratio for large images (pipeline.data.eval_view; default 0.875: 224 from 256)
     "num_workers": Int(0), "crop_ratio": Float(0, 1, open_min=True),
 }, optional=("num_workers", "crop_ratio"))
-# beside: {run: base run} puts a paper's method next to the method it builds on, with the difference
-REPORT = Section({"title": Str(), "beside": MapOf(Str(), allow_empty=True)}, optional=("beside",))
+# beside: {run: base run} puts a paper's method next to the method it builds on, with the difference;
+# controls: {control run: paper run} a run that differs from a `beside` paper run only by a step-size knob
+# (e.g. loss_scale), compared with that paper run's base like the paper run itself
+REPORT = Section({"title": Str(), "beside": MapOf(Str(), allow_empty=True), "controls": MapOf(Str(), allow_empty=True)},
+                 optional=("beside", "controls"))
 
 RUN_SECTIONS = ("runs", "pair_runs")
 
@@ -125,6 +137,12 @@ def validate(raw: dict, methods=None) -> dict:
         for key, name in ((f"report.beside.{run}", run), (f"report.beside.{run}", base)):
             if name not in every_run:
                 raise ParamError(f"{key}: {name!r} is not a run under runs or pair_runs (have: {', '.join(every_run)})")
+    beside = p["report"].get("beside", {})
+    for control, paper in p["report"].get("controls", {}).items():
+        if control not in every_run:
+            raise ParamError(f"report.controls.{control}: not a run under runs or pair_runs (have: {', '.join(every_run)})")
+        if paper not in beside:
+            raise ParamError(f"report.controls.{control}: {paper!r} is not a paper run of report.beside (have: {', '.join(beside)})")
     m = p["mine"]
     if m["encoder_run"] not in p["runs"]:
         # a pair run cannot mine: its own training would depend on the pairs it mines (a cycle)
@@ -146,7 +164,8 @@ def _method_block(method: str, block: dict | None, key: str) -> dict:
     cls = registry.get(method, key=key)
     block = dict(block or {})
     train_over = block.pop("train", None)
-    checked = Section(cls.PARAMS, optional=tuple(cls.PARAMS))(block, key)
+    schema = {**METHOD_KEYS, **cls.PARAMS}
+    checked = Section(schema, optional=tuple(schema))(block, key)
     if train_over is not None:
         checked["train"] = Section(TRAIN_KEYS, optional=tuple(TRAIN_KEYS))(train_over, f"{key}.train")
     return checked

@@ -1,7 +1,9 @@
 """Profiles: `python -m pipeline.profile NAME` renders profiles/NAME.yaml into params.yaml.
 
 profiles/cpu.yaml is complete (and is params.yaml as shipped); every other profile names a profile
-it `extends` and overrides only what differs (a null deletes a key). The result is validated before
+it `extends` and overrides only what differs (a null deletes a key). The pair lists `report.beside` and
+`report.controls` are the exception: a profile that sets one replaces its base's whole (REPLACED), so a preset
+lists exactly the pairs it compares and never inherits one it did not mean. The result is validated before
 params.yaml is replaced, so a broken profile never lands in the workspace.
 """
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pipeline.params import ParamError, deep_merge, load, validate
 from pipeline.utils import atomic_write_text
 
 PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+# (section, key) mappings a profile replaces rather than merges into its base's
+REPLACED = (("report", "beside"), ("report", "controls"))
 
 
 def resolve(name: str, seen: tuple = ()) -> dict:
@@ -29,6 +33,9 @@ def resolve(name: str, seen: tuple = ()) -> dict:
     base = raw.pop("extends", None)
     keep = raw.pop("keep_runs", None)
     merged = deep_merge(resolve(base, seen + (name,)), raw) if base else raw
+    for section, key in REPLACED:
+        if key in (raw.get(section) or {}):
+            merged[section][key] = {k: v for k, v in (raw[section][key] or {}).items() if v is not None}
     return _keep_runs(merged, keep, name) if keep is not None else merged
 
 
@@ -43,6 +50,9 @@ def _keep_runs(p: dict, keep: list, name: str) -> dict:
     p["pair_runs"] = {r: spec for r, spec in (p.get("pair_runs") or {}).items() if r in keep}
     if "beside" in p.get("report", {}):
         p["report"]["beside"] = {r: b for r, b in p["report"]["beside"].items() if r in keep and b in keep}
+    if "controls" in p.get("report", {}):
+        p["report"]["controls"] = {c: r for c, r in p["report"]["controls"].items()
+                                   if c in keep and r in p["report"].get("beside", {})}
     if "seeds" in p:
         p["seeds"]["runs"] = [r for r in p["seeds"]["runs"] if r in keep]
     return p

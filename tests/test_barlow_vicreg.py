@@ -251,3 +251,22 @@ def test_plain_all_reduce_gives_wrong_ddp_gradients(ddp_grads, name):
     diff = torch.cat([(got[n] - g).flatten() for n, g in want.items()])
     rel = (diff.norm() / torch.cat([g.flatten() for g in want.values()]).norm()).item()
     assert rel > 0.2, rel  # about 0.5 here: the gradients come out roughly halved (1 / world_size)
+
+
+def test_barlow_twins_biases_and_norms_train_at_0_0048_under_lars():
+    """Barlow Twins §4 / its code: LARS, weights at 0.2 and biases + BN parameters at 0.0048 (x batch/256), the
+    latter without weight decay or LARS adaptation; `bias_lr_ratio` 1 gives one lr (the CPU profile's SGD)."""
+    from pipeline.methods.barlow_twins import BarlowTwins
+    from pipeline.train.optim import build_optimizer, peak_lr, set_lr
+
+    torch.manual_seed(0)
+    m = BarlowTwins(TinyNet(), {"proj_hidden": 8, "proj_dim": 8, "proj_layers": 3}, AUG, 4)
+    train = {"optimizer": "lars", "lr": 0.2, "batch_size": 256, "weight_decay": 1.5e-6, "momentum": 0.9}
+    opt = build_optimizer(m.param_groups(), train)
+    set_lr(opt, peak_lr(train))
+    weights, biases = opt.param_groups
+    assert weights["lr"] == pytest.approx(0.2) and biases["lr"] == pytest.approx(0.0048)
+    assert biases["weight_decay"] == 0.0 and all(p.ndim <= 1 for p in biases["params"])
+    assert all(p.ndim > 1 for p in weights["params"])
+    one = BarlowTwins(TinyNet(), {"proj_hidden": 8, "proj_dim": 8, "proj_layers": 3, "bias_lr_ratio": 1.0}, AUG, 4)
+    assert one.param_groups()[1]["lr_scale"] == 1.0

@@ -115,13 +115,26 @@ def test_a_shared_train_key_is_a_param_of_exactly_the_runs_it_reaches(cpu):
     for name in P.instances(p):
         base = P.method_config(p, name)[2]
         params = stages[f"pretrain.{name}"]["params"]
+        trains = getattr(registry.get(P.run_spec(p, name)["method"]), "TRAINS", True)
         for k in keys:
             changed = {**p, "train": {**p["train"], k: "<changed>"}}
-            reaches = P.method_config(changed, name)[2] != base
+            reaches = trains and P.method_config(changed, name)[2] != base
             assert reaches == (f"train.{k}" in params), (name, k)
             listed_somewhere |= reaches
             overridden_somewhere |= not reaches
     assert listed_somewhere and overridden_somewhere   # the cpu profile has both cases
+
+
+def test_the_random_init_floor_reads_no_recipe(cpu):
+    """It trains nothing (issue 26, item 12): no shared train key and no augmentation may rerun it; its encoder
+    follows from the seed, the backbone and its own (empty) block only."""
+    p, stages = cpu
+    floors = [n for n in P.instances(p) if P.run_spec(p, n)["method"] == "random"]
+    assert floors
+    for name in floors:
+        params = stages[f"pretrain.{name}"]["params"]
+        assert not [k for k in params if k.startswith("train.") or k == "augment"], (name, params)
+        assert f"backbones.{P.run_spec(p, name)['backbone']}" in params and "seed" in params
 
 
 def test_seeds_are_instances_reading_their_runs_params():

@@ -281,3 +281,57 @@ def test_forward_returns_detached_diagnostics_of_the_targets_it_used():
     assert torch.allclose(out["teacher_entropy_cls"], want_h, atol=1e-5)
     assert out["prototypes_cls"].item() == p.argmax(-1).unique().numel()
     assert not out["teacher_entropy_cls"].requires_grad and not out["prototypes_cls"].requires_grad
+
+
+def _drop_probs(vit_net) -> list[float]:
+    out = []
+    for block in vit_net.blocks:
+        for mod in (block.drop_path1, block.drop_path2):
+            out.append(float(getattr(mod, "drop_prob", 0.0)))
+    return out
+
+
+def test_student_has_dinos_drop_path_and_the_teacher_none():
+    """DINO's code: student = vit(drop_path_rate=0.1), teacher = vit() (main_dino.py); timm's rule: block i of n
+    drops with 0.1 * i / (n - 1), on both residual branches. The EMA still pairs parameters one to one."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    bb = build_backbone({"arch": "vit_tiny", "patch_size": 8, "depth": 3}, 32)
+    m = make(bb)
+    assert m.cfg["drop_path"] == 0.1
+    want = [0.0, 0.0, 0.05, 0.05, 0.1, 0.1]
+    assert _drop_probs(m.backbone.net) == pytest.approx(want)
+    timm_ref = VisionTransformer(img_size=32, patch_size=8, embed_dim=192, depth=3, num_heads=3, num_classes=0,
+                                 drop_path_rate=0.1)
+    assert _drop_probs(timm_ref) == pytest.approx(want)
+    assert _drop_probs(m.teacher_backbone.net) == [0.0] * 6
+    student = dict(m.backbone.named_parameters())
+    teacher = dict(m.teacher_backbone.named_parameters())
+    assert student.keys() == teacher.keys() and all(student[k].shape == teacher[k].shape for k in student)
+    with torch.no_grad():
+        for p in m.backbone.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in teacher.items()}
+    mom = m.target_momentum(0.0)
+    m.update_targets(0.0)
+    for k in student:
+        assert close(teacher[k], mom * before[k] + (1 - mom) * student[k]), k
+
+
+def test_drop_path_acts_on_the_student_in_training_only():
+    bb = build_backbone({"arch": "vit_tiny", "patch_size": 8, "depth": 2}, 32)
+    m = make(bb, drop_path=0.5)
+    x = torch.randn(4, 3, 32, 32)
+    m.train()
+    torch.manual_seed(1)
+    a = m.backbone(x)
+    torch.manual_seed(2)
+    assert not torch.allclose(a, m.backbone(x))                       # stochastic depth draws differ
+    assert torch.equal(m.teacher_backbone(x), m.teacher_backbone(x))  # the teacher has none
+    m.eval()
+    assert torch.equal(m.backbone(x), m.backbone(x))
+
+
+def test_a_resnet_student_has_no_drop_path():
+    m = make(build_backbone({"arch": "resnet18", "width": 8, "cifar_stem": True}, 32))
+    assert not any("DropPath" in type(mod).__name__ for mod in m.modules())

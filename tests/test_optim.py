@@ -53,3 +53,49 @@ def test_simsiam_predictor_is_in_fixed_lr_groups_only():
     assert len(fixed) + len(scheduled) == sum(1 for p in m.parameters() if p.requires_grad)
     # weight decay still only on the weights, in both halves
     assert all(p.ndim <= 1 for g in groups if g.get("weight_decay") == 0.0 for p in g["params"])
+
+
+def _params_with_grads(*grads):
+    ps = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    return ps
+
+
+def test_per_param_clipping_clips_each_gradient_on_its_own_by_hand():
+    """DINO's utils.clip_gradients: g <- g * 3 / (||g|| + 1e-6) where that is < 1, per parameter. Grads of norm 5
+    (3-4-0) and 1: the first becomes (1.8, 2.4, 0) x 5 / (5 + 1e-6), the second stays; one global norm of
+    sqrt(26) would have scaled both by 3 / sqrt(26)."""
+    from pipeline.train.optim import clip_gradients
+
+    big, small = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.6, 0.8])
+    ps = _params_with_grads(big, small)
+    clip_gradients(ps, 3.0, "per_param")
+    assert torch.allclose(ps[0].grad, torch.tensor([1.8, 2.4, 0.0]) * 5 / (5 + 1e-6), rtol=1e-6)
+    assert torch.equal(ps[1].grad, small)
+    ps = _params_with_grads(big, small)
+    clip_gradients(ps, 3.0, "global")
+    k = 3.0 / 26 ** 0.5
+    assert torch.allclose(ps[0].grad, big * k, rtol=1e-5) and torch.allclose(ps[1].grad, small * k, rtol=1e-5)
+
+
+def test_per_param_clipping_skips_parameters_without_gradient_and_rejects_a_bad_mode():
+    from pipeline.train.optim import clip_gradients
+
+    p, q = _params_with_grads(torch.tensor([30.0, 40.0]))[0], torch.nn.Parameter(torch.ones(2))
+    clip_gradients([p, q], 3.0, "per_param")
+    assert q.grad is None and abs(float(p.grad.norm()) - 3.0) < 1e-5
+    with pytest.raises(ValueError, match="grad_clip_mode"):
+        clip_gradients([p], 3.0, "layerwise")
+
+
+def test_dino_and_pwself_runs_clip_per_parameter():
+    from pipeline.params import method_config, validate
+    from pipeline.profile import resolve
+
+    for profile, runs in (("cpu", ("dino", "dino-vit", "pwself")), ("gpu-resnet18", ("dino",)),
+                          ("imagenet100", ("dino-vit", "pwself")), ("cifar10-vit", ("dino-vit", "pwself"))):
+        p = validate(resolve(profile))
+        for run in runs:
+            train = method_config(p, run)[2]
+            assert train["grad_clip"] == 3.0 and train["grad_clip_mode"] == "per_param", (profile, run)

@@ -29,6 +29,14 @@ def raw_cpu():
     (lambda p: p["dataset"].update(source="mnist"), "dataset.source: expected one of"),
     (lambda p: p["evaluate"].pop("knn_k"), "evaluate.knn_k: missing"),
     (lambda p: p["methods"]["simclr"].update(train={"lr": "fast"}), "methods.simclr.train.lr: expected a number"),
+    # issue 26: step-size controls, per-method views, clipping mode
+    (lambda p: p["report"]["controls"].update(nope="leoclr"), "report.controls.nope: not a run under runs or pair_runs"),
+    (lambda p: p["report"]["controls"].update({"leoclr-mean": "simsiam"}),
+     "report.controls.leoclr-mean: 'simsiam' is not a paper run of report.beside"),
+    (lambda p: p["runs"]["leoclr-mean"]["overrides"].update(loss_scale=-1), "runs.leoclr-mean.overrides.loss_scale"),
+    (lambda p: p["methods"]["simclr"].update(augment={"crop": [0.1, 1]}), "methods.simclr.augment.crop: unknown key"),
+    (lambda p: p["methods"]["pnnclr"].update(straight_through="half"), "methods.pnnclr.straight_through: expected one of"),
+    (lambda p: p["train"].update(grad_clip_mode="layer"), "train.grad_clip_mode: expected one of ['global', 'per_param']"),
 ])
 def test_bad_params_name_the_key(edit, message):
     p = raw_cpu()

@@ -54,11 +54,13 @@ def instances(project):
 
 def runs_whose_train_changes(project, key, value):
     from pipeline import params as P
+    from pipeline.methods import registry
 
     before = P.validate(params_of(project))
     after = P.validate({**before, "train": {**before["train"], key: value}})
+    trains = lambda run: getattr(registry.get(P.run_spec(before, run)["method"]), "TRAINS", True)   # noqa: E731
     return {f"pretrain.{n}" for n, i in P.instances(before).items()
-            if P.method_config(before, i["run"])[2] != P.method_config(after, i["run"])[2]}
+            if trains(i["run"]) and P.method_config(before, i["run"])[2] != P.method_config(after, i["run"])[2]}
 
 
 def stages_of(project):

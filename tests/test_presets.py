@@ -38,11 +38,21 @@ PAPER_VALUES = [
     ("gpu-resnet18", "pnnclr", "train.batch_size", 64, PNNCLR),
     ("gpu-resnet18", "pnnclr", "train.lr", 0.001, PNNCLR),
     ("gpu-resnet18", "dino", "train.epochs", 800, "the preset's 800 epochs (not the CPU run's 4)"),
-    *[("gpu-resnet18", run, key, val, "DINO's ViT recipe / " + PWSELF) for run in ("dino-vit", "pwself")
-      for key, val in (("method.head_bn", False), ("train.optimizer", "adamw"), ("train.lr", 0.0005),
-                       ("train.lr_scaling", "linear"), ("train.weight_decay", 0.04), ("train.weight_decay_end", 0.4),
-                       ("method.teacher_temp", 0.07), ("method.warmup_teacher_temp", 0.04),
-                       ("method.warmup_teacher_temp_epochs", 30), ("train.warmup_epochs", 10))],
+    # --- CIFAR-10 ViT: PW-Self Table 8 (ViT-Tiny/16, 224 px), DINO beside it (issue 26: the GPU preset's ViT-S/4 at
+    #     32 px and batch 512 matched no row)
+    ("cifar10-vit", None, "dataset.image_size", 224, "PW-Self Fig. 1 (Cifar10 too)"),
+    *[("cifar10-vit", run, key, val, cite) for run in ("dino-vit", "pwself") for key, val, cite in (
+        ("backbone.arch", "vit_tiny", "PW-Self Table 8"), ("backbone.patch_size", 16, "PW-Self Table 8"),
+        ("train.batch_size", 40, PWSELF + ": batch sizes from 10 to 40"), ("train.epochs", 200, "PW-Self Table 2"),
+        ("method.head_bn", False, "DINO's ViT recipe"), ("train.optimizer", "adamw", PWSELF),
+        ("train.lr", 0.0005, "DINO"), ("train.lr_scaling", "linear", "DINO"), ("train.weight_decay", 0.04, PWSELF),
+        ("train.weight_decay_end", 0.4, PWSELF), ("method.teacher_temp", 0.07, PWSELF),
+        ("method.warmup_teacher_temp", 0.04, PWSELF), ("method.warmup_teacher_temp_epochs", 30, PWSELF),
+        ("train.warmup_epochs", 10, PWSELF), ("method.n_local", 8, "PW-Self §3.5"),
+        ("method.local_size", 96, "PW-Self Fig. 1"), ("method.drop_path", 0.1, "DINO's code"),
+        ("train.grad_clip_mode", "per_param", "DINO's code"))],
+    ("cifar10-vit", "pwself", "method.loss", "pwml", "PW-Self Table 8 row 4"),
+    ("cifar10-vit", "pwself", "method.patch_augment", True, "PW-Self Table 8 row 4"),
     # --- ImageNet-1k: SePP-ID / LeOCLR (MoCo-v2, ResNet-50), BYOL / SimCLR as they compare
     ("imagenet1k", None, "dataset.image_size", 224, "SePP-ID §4 / LeOCLR §4"),
     ("imagenet1k", None, "dataset.source", "imagefolder", "ImageNet as an ImageFolder root"),
@@ -93,9 +103,31 @@ PAPER_VALUES = [
     ("stl10", "pnnclr", "method.beta", 0.10, "pNNCLR Table 5"),
     ("stl10", "pnnclr", "method.pseudo", True, "pNNCLR Table 4"),
     ("stl10", "pnnclr", "method.noise", True, "pNNCLR Table 4"),
+    # --- issue 26: the second fidelity reading
+    ("gpu-resnet18", "mocov2", "method.momentum", 0.999, "MoCo §3.2 / MoCo-v2: m = 0.999, as LeOCLR eq. 1"),
+    *[(profile, run, "method.proj_bn", False, "MoCo-v2 §2: Linear-ReLU-Linear head")
+      for profile in ("cpu", "gpu-resnet18", "imagenet1k") for run in ("mocov2", "leoclr")],
+    ("gpu-resnet18", "gsssl-mocov2", "train.warmup_epochs", 0, "MoCo-v2 §2: no warm-up, as mocov2"),
+    ("gpu-resnet18", "barlow_twins", "method.bias_lr_ratio", 0.0048 / 0.2, "Barlow Twins §4: 0.0048 biases / BN"),
+    *[("gpu-resnet18", "nnclr", key, val, PNNCLR + ' "for all SSL methods"') for key, val in (
+        ("train.optimizer", "adam"), ("train.lr", 0.001), ("train.batch_size", 64), ("train.epochs", 100),
+        ("method.support_size", 10000), ("method.proj_dim", 2048))],
+    ("gpu-resnet18", None, "mine.encoder_run", "mocov2-sampler", "SePP-ID §3.1 / §4: a separate sampler run"),
+    ("cpu", None, "mine.encoder_run", "mocov2-sampler", "SePP-ID §3.1 / §4: a separate sampler run"),
+    *[(profile, run, "method.drop_path", 0.1, "DINO's code: --drop_path_rate 0.1 (student)")
+      for profile in ("cpu", "imagenet100") for run in ("dino-vit", "pwself")],
+    *[(profile, run, "train.grad_clip_mode", "per_param", "DINO's code: utils.clip_gradients")
+      for profile in ("cpu", "imagenet100") for run in ("dino-vit", "pwself")],
+    ("gpu-resnet18", "dino", "train.grad_clip_mode", "per_param", "DINO's code: utils.clip_gradients"),
+    ("imagenet1k", "simclr", "method.augment.crop_scale", [0.08, 1.0], "SimCLR App. A, as LeOCLR Table 1 cites it"),
+    ("imagenet1k", "simclr", "method.augment.color_jitter", [0.8, 0.8, 0.8, 0.2], "SimCLR App. A: strength 1"),
+    ("imagenet1k", "byol", "method.augment.crop_scale", [0.08, 1.0], "BYOL Table 6"),
+    ("imagenet1k", "byol", "method.augment.color_jitter", [0.4, 0.4, 0.2, 0.1], "BYOL Table 6"),
+    ("stl10", "pnnclr", "method.blur_p", [0.5, 0.5], "the shared views, as nnclr's"),
+    ("stl10", "pnnclr", "method.solarize_p", [0.0, 0.0], "the shared views, as nnclr's"),
 ]
 
-PRESETS = ("gpu-resnet18", "imagenet1k", "imagenet100", "stl10")
+PRESETS = ("cpu", "gpu-resnet18", "imagenet1k", "imagenet100", "stl10", "cifar10-vit")
 
 
 def rendered(name: str) -> dict:
@@ -144,13 +176,44 @@ def test_presets_run_only_their_papers_backbones(params):
     arch = {name: {p["backbones"][s["backbone"]]["arch"] for s in [*p["runs"].values(), *p["pair_runs"].values()]}
             for name, p in params.items()}
     assert arch["imagenet1k"] == {"resnet50"} and arch["stl10"] == {"resnet50"}
-    assert arch["imagenet100"] == {"vit_small"}
+    assert arch["imagenet100"] == {"vit_small"} and arch["cifar10-vit"] == {"vit_tiny"}
+    assert arch["gpu-resnet18"] == {"resnet18"}
 
 
 def test_beside_pairs_share_the_trainer_settings(params):
     """In the papers' headline presets a method beside its base trains with the same optimiser and schedule (only
     the idea differs). The GPU preset's pnnclr / nnclr and gsssl / barlow_twins keep each paper's own schedule."""
-    for name in ("imagenet1k", "imagenet100", "stl10"):
+    for name in ("imagenet1k", "imagenet100", "stl10", "cifar10-vit"):
         p = params[name]
         for run, base in p["report"].get("beside", {}).items():
             assert method_config(p, run)[2] == method_config(p, base)[2], f"{name}: {run} vs {base}"
+
+
+def test_a_presets_pair_lists_replace_its_bases(tmp_path, monkeypatch):
+    """`report.beside` / `report.controls` of a profile replace what it extends (issue 26: the GPU preset's pairs
+    were deep-merged into the CPU list), while other report keys still merge."""
+    import pipeline.profile as prof
+
+    (tmp_path / "cpu.yaml").write_text((PROFILES / "cpu.yaml").read_text())
+    (tmp_path / "child.yaml").write_text("extends: cpu\nreport:\n  beside: {leoclr: mocov2, pnnclr: null}\n")
+    monkeypatch.setattr(prof, "PROFILES", tmp_path)
+    p = prof.resolve("child")
+    assert p["report"]["beside"] == {"leoclr": "mocov2"}
+    assert p["report"]["controls"] == prof.resolve("cpu")["report"]["controls"]   # not set: inherited whole
+    assert p["report"]["title"] == prof.resolve("cpu")["report"]["title"]
+
+
+def test_the_imagenet1k_views_of_simclr_and_byol_are_their_own(params):
+    """A method's `augment` keys replace the shared section's for its views only (pipeline/methods/base.py)."""
+    from pipeline.train.trainer import build_method
+
+    p = params["imagenet1k"]
+    assert p["augment"]["crop_scale"] == [0.2, 1.0]
+    for run, jitter in (("simclr", [0.8, 0.8, 0.8, 0.2]), ("byol", [0.4, 0.4, 0.2, 0.1]), ("mocov2", [0.4, 0.4, 0.4, 0.1])):
+        small = {**p, "backbones": {**p["backbones"], "resnet50": {"arch": "resnet18", "width": 8, "cifar_stem": True}},
+                 "methods": {**p["methods"], **{m: {**p["methods"][m], "proj_hidden": 8, "pred_hidden": 8}
+                                                for m in ("simclr", "byol")},
+                             "mocov2": {**p["methods"]["mocov2"], "queue_size": 16, "proj_hidden": 8}}}
+        method = build_method(small, run)[0]
+        assert method.augment["color_jitter"] == jitter, run
+        assert method.augment["crop_scale"] == ([0.2, 1.0] if run == "mocov2" else [0.08, 1.0]), run

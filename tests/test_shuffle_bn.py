@@ -36,7 +36,7 @@ def rows_of(batch: torch.Tensor, x: torch.Tensor) -> list[int]:
 
 
 def test_key_bn_groups_differ_from_the_queries():
-    m = make(shuffle_bn_groups=4)
+    m = make(shuffle_bn_groups=4, proj_bn=True)   # a BN in the head to observe (MoCo-v2's own head has none)
     x = torch.randn(16, 3, 4, 4)
     query_bn = next(mod for mod in m.projector.modules() if isinstance(mod, nn.BatchNorm1d))
     q_calls = record_inputs(query_bn)

@@ -7,6 +7,9 @@ autograd-aware all-reduce (see pipeline/losses/redundancy.py), so the DDP gradie
 single-process gradient on the concatenated batch.
 Views: BYOL's asymmetric augmentations (§3, implementation details): blur p = 1.0 / 0.1 and solarisation
 p = 0.0 / 0.2 for the two views, set per view by `blur_p` / `solarize_p` (no blur at 32 px on CIFAR).
+Optimisation (§4 "Implementation details"; its code's LARS groups): lr 0.2 for the weights and 0.0048 for the
+biases and BatchNorm parameters, which get neither weight decay nor LARS adaptation: `bias_lr_ratio` is the
+biases' lr over the weights' (default 0.0048 / 0.2; 1 = one lr, as the CPU profile's SGD blocks).
 """
 from __future__ import annotations
 
@@ -19,9 +22,13 @@ from pipeline import dist
 
 @register("barlow_twins")
 class BarlowTwins(ProjectorMethod):
-    PARAMS = {"lambd": Float(0), **two_view_params(), **projector_params()}
-    DEFAULTS = {"lambd": 5e-3, "proj_hidden": 8192, "proj_dim": 8192, "proj_layers": 3,
+    PARAMS = {"lambd": Float(0), "bias_lr_ratio": Float(0), **two_view_params(), **projector_params()}
+    DEFAULTS = {"lambd": 5e-3, "bias_lr_ratio": 0.0048 / 0.2, "proj_hidden": 8192, "proj_dim": 8192, "proj_layers": 3,
                 "blur_p": [1.0, 0.1], "solarize_p": [0.0, 0.2]}
+
+    def param_groups(self):
+        decay, no_decay = super().param_groups()   # biases and norm parameters: no decay, no LARS adaptation
+        return [decay, {**no_decay, "lr_scale": self.cfg["bias_lr_ratio"]}]
 
     def forward(self, batch):
         z1, z2 = (self.project(v) for v in batch.views[:2])

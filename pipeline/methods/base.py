@@ -21,7 +21,7 @@ from pipeline.data.views import ViewSpec
 from pipeline.methods.memory import KeyQueue
 from pipeline.methods.shuffle_bn import shuffled_encode
 from pipeline.models.heads import mlp
-from pipeline.schema import Float, Int, List, Validator
+from pipeline.schema import Bool, Float, Int, List, Validator
 
 
 class Method(nn.Module):
@@ -31,14 +31,33 @@ class Method(nn.Module):
     # the loader's normalisation of the views, (mean, std), set by the trainer: for methods that augment
     # view tensors in pixel space (patch-level augmentation); None = views in [0, 1]
     pixel_norm: tuple | None = None
+    # What sets one step's size besides the lr (`step_facts`; tests/test_beside_pairs.py compares them across a
+    # pair): the loss's terms and whether they are summed or averaged, and the embeddings each image adds to a
+    # memory (queue / support set) per step. Each method file states its own, from its paper's loss.
+    LOSS_TERMS = 1
+    LOSS_REDUCTION = "mean"
+    KEYS_PER_IMAGE = 0
 
     def __init__(self, backbone: nn.Module, cfg: dict, augment: dict, image_size: int):
         super().__init__()
         self.backbone = backbone
         self.cfg = {**self.DEFAULTS, **cfg}
-        self.augment = augment
+        # a method's own `augment` keys (e.g. SimCLR's crop and jitter beside MoCo-v2's) over the shared section
+        self.augment = {**augment, **self.cfg.get("augment", {})}
         self.image_size = image_size
+        # `loss_scale` (every method; params.METHOD_KEYS): the trainer backpropagates loss_scale x loss, e.g. 0.5 =
+        # LeOCLR's eq. 3 as the mean of its two terms, a step-size control beside MoCo-v2's one term
+        self.loss_scale = float(self.cfg.get("loss_scale", 1.0))
         self.progress, self.epoch = 0.0, 0.0
+
+    @classmethod
+    def step_facts(cls, cfg: dict) -> dict:
+        """The effective-step facts of this method under block `cfg` (no module is built): `loss_terms` and their
+        `reduction` (sum | mean), the trainer's `loss_scale`, `straight_through_scale` (the gradient a
+        straight-through estimate passes, None where there is none) and `keys_per_image` enqueued per step."""
+        c = {**cls.DEFAULTS, **cfg}
+        return {"loss_terms": cls.LOSS_TERMS, "reduction": cls.LOSS_REDUCTION, "loss_scale": c.get("loss_scale", 1.0),
+                "straight_through_scale": None, "keys_per_image": cls.KEYS_PER_IMAGE}
 
     def views(self) -> list[ViewSpec]:
         """Two augmented views of the whole image (SimCLR-style); with per-view `blur_p` / `solarize_p` lists in
@@ -101,10 +120,20 @@ class Method(nn.Module):
         return {}
 
 
+def gradient_scale(facts: dict) -> float:
+    """How many times one term's gradient a step takes (up to the terms' alignment): summed terms add up, averaged
+    ones do not; times the loss scale and any straight-through scale."""
+    terms = facts["loss_terms"] if facts["reduction"] == "sum" else 1
+    st = facts["straight_through_scale"]
+    return terms * facts["loss_scale"] * (1.0 if st is None else st)
+
+
 class ProjectorMethod(Method):
-    """A method whose encoder is backbone + projection MLP (exported with the encoder, e.g. for mining)."""
+    """A method whose encoder is backbone + projection MLP (exported with the encoder, e.g. for mining).
+    `proj_bn` (projector_params) switches BatchNorm between its layers; PROJ_BN is the method's default."""
 
     PROJ_LAST_BN = False
+    PROJ_BN = True
 
     def __init__(self, backbone, cfg, augment, image_size):
         super().__init__(backbone, cfg, augment, image_size)
@@ -123,7 +152,20 @@ class MomentumContrast(ProjectorMethod):
     keys as negatives. `forward` leaves the keys to enqueue in `_pending_keys`; `after_step` pushes them (the
     queue gathers them from every rank in rank order, so it is identical on all ranks) and then moves the key
     encoder. Both are modules / buffers, so one state_dict checkpoints them. Needs `queue_size`, `momentum`.
-    With `shuffle_bn` (MoCo §3.3) the key encoder normalises shuffled sub-batches (pipeline/methods/shuffle_bn.py)."""
+    With `shuffle_bn` (MoCo §3.3) the key encoder normalises shuffled sub-batches (pipeline/methods/shuffle_bn.py).
+    Projection head: MoCo-v2's "2-layer MLP head (hidden layer 2048-d, with ReLU)" (MoCo-v2 §2; its code:
+    Linear-ReLU-Linear), no BatchNorm by default (`proj_bn: true` adds it)."""
+
+    PROJ_BN = False
+    KEYS_PER_IMAGE = 1
+
+    @classmethod
+    def step_facts(cls, cfg):
+        """MoCo-v2: one InfoNCE term, one key per image; `symmetric` averages a second term and enqueues its keys."""
+        facts = super().step_facts(cfg)
+        if {**cls.DEFAULTS, **cfg}.get("symmetric"):
+            facts.update(loss_terms=2, keys_per_image=2)
+        return facts
 
     def __init__(self, backbone, cfg, augment, image_size):
         super().__init__(backbone, cfg, augment, image_size)
@@ -175,12 +217,13 @@ def two_view_params() -> dict[str, Validator]:
 
 
 def projector_params() -> dict[str, Validator]:
-    return {"proj_hidden": Int(1), "proj_dim": Int(1), "proj_layers": Int(1)}
+    return {"proj_hidden": Int(1), "proj_dim": Int(1), "proj_layers": Int(1), "proj_bn": Bool()}
 
 
 def build_projector(method: Method, last_bn: bool = False) -> nn.Module:
     c = method.cfg
-    return mlp(method.backbone.feat_dim, c["proj_hidden"], c["proj_dim"], c.get("proj_layers", 2), last_bn=last_bn)
+    return mlp(method.backbone.feat_dim, c["proj_hidden"], c["proj_dim"], c.get("proj_layers", 2), last_bn=last_bn,
+               bn=c.get("proj_bn", method.PROJ_BN))
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:

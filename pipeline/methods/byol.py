@@ -27,6 +27,8 @@ class BYOL(ProjectorMethod):
     DEFAULTS = {"momentum": 0.996, "proj_hidden": 4096, "proj_dim": 256, "proj_layers": 2, "pred_hidden": 4096,
                 "blur_p": [1.0, 0.1], "solarize_p": [0.0, 0.2]}
 
+    LOSS_TERMS, LOSS_REDUCTION = 2, "sum"   # §3.1: the symmetrised loss L_total = L + L~
+
     def __init__(self, backbone, cfg, augment, image_size):
         super().__init__(backbone, cfg, augment, image_size)
         c = self.cfg

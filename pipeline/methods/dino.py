@@ -8,6 +8,9 @@ global view x and every other student view x'. Collapse is avoided by centring (
 an EMA of the teacher's mean output over the *global* batch, all-reduced across ranks, so it is the
 same on every rank) and sharpening (a low teacher temperature, warmed up linearly from 0.04).
 As in the paper's released code, the last layer is frozen for the first epoch to stabilise training.
+Stochastic depth (`drop_path`, default 0.1): the paper's code builds the ViT student with `drop_path_rate` 0.1
+(main_dino.py `--drop_path_rate`, "stochastic depth rate") and the teacher without; its ResNet has none, so
+the key acts on ViT backbones only. PW-Self inherits it (its code is DINO's).
 
 Works on a ResNet (pooled features) and a timm ViT (CLS token). Token access is factored out
 (`student_tokens` / `teacher_tokens` return (B, 1 + N, D) per view; a ResNet gives N = 0) and the head,
@@ -101,14 +104,14 @@ class DINO(Method):
         "warmup_teacher_temp_epochs": Float(0), "center_momentum": Float(0, 1), "freeze_last_layer": Float(0),
         "global_scale": Range01(), "local_scale": Range01(), "n_local": Int(0), "local_size": Int(1),
         # per view kind: [global view 1, global view 2, local views] (the paper's asymmetric augmentation)
-        "blur_p": List(Float(0, 1), 3), "solarize_p": List(Float(0, 1), 3),
+        "blur_p": List(Float(0, 1), 3), "solarize_p": List(Float(0, 1), 3), "drop_path": Float(0, 1),
     }
     DEFAULTS = {
         "out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256, "head_layers": 3, "head_bn": False, "norm_last_layer": True,
         "momentum": 0.996, "student_temp": 0.1, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04,
         "warmup_teacher_temp_epochs": 0.0, "center_momentum": 0.9, "freeze_last_layer": 1.0,
         "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4], "n_local": 6, "local_size": 96,
-        "blur_p": [1.0, 0.1, 0.5], "solarize_p": [0.0, 0.2, 0.0],
+        "blur_p": [1.0, 0.1, 0.5], "solarize_p": [0.0, 0.2, 0.0], "drop_path": 0.1,
     }
     N_GLOBAL = 2
 
@@ -117,8 +120,10 @@ class DINO(Method):
         c = self.cfg
         self.head = DINOHead(backbone.feat_dim, c["out_dim"], c["hidden_dim"], c["bottleneck_dim"], c["head_layers"],
                              c["norm_last_layer"], c["head_bn"])
-        self.teacher_backbone = momentum_copy(self.backbone)
+        self.teacher_backbone = momentum_copy(self.backbone)   # copied before the student's drop path: none
         self.teacher_head = momentum_copy(self.head)
+        if hasattr(self.backbone, "set_drop_path"):
+            self.backbone.set_drop_path(c["drop_path"])
         self.register_buffer("center", torch.zeros(c["out_dim"]))
 
     # --- views -----------------------------------------------------------------------------------

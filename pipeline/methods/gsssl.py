@@ -65,6 +65,13 @@ class GSSSL(ProjectorMethod):
                 "groups": {"n": 10, "size": 24}, "proj_hidden": 4096, "proj_dim": 512, "proj_layers": 2,
                 "blur_p": [1.0, 0.1], "solarize_p": [0.0, 0.2]}
 
+    LOSS_REDUCTION = "sum"
+
+    @classmethod
+    def step_facts(cls, cfg):
+        """Alg. 1: 2n Barlow Twins terms and the rank-k triplet, summed."""
+        return {**super().step_facts(cfg), "loss_terms": 2 * {**cls.DEFAULTS, **cfg}["groups"]["n"] + 1}
+
     def __init__(self, backbone, cfg, augment, image_size):
         super().__init__(backbone, cfg, augment, image_size)
         self.groups = PatchGroups.of_method(self)

@@ -35,6 +35,16 @@ class LeOCLR(MomentumContrast):
     DEFAULTS = {"temperature": 0.2, "queue_size": 65536, "momentum": 0.999, "variant": "momentum",
                 "proj_hidden": 2048, "proj_dim": 128, "proj_layers": 2, **SHUFFLE_BN_DEFAULTS}
 
+    # eq. 3: l(u, sg(v1)) + l(u, sg(v2)), a sum of two InfoNCE terms (about twice MoCo-v2's one-term gradient under
+    # SGD: `loss_scale: 0.5` is the step-size control), and both crops' keys enqueued (Algorithm 1)
+    LOSS_TERMS, LOSS_REDUCTION = 2, "sum"
+
+    @classmethod
+    def step_facts(cls, cfg):
+        facts = super().step_facts(cfg)
+        facts["keys_per_image"] = 2 if {**cls.DEFAULTS, **cfg}["variant"] == "momentum" else 0   # end to end: no queue
+        return facts
+
     def uses_key_encoder(self) -> bool:
         return self.cfg["variant"] == "momentum"
 

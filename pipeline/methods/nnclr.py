@@ -29,6 +29,7 @@ from pipeline import dist
 @register("nnclr")
 class NNCLR(ProjectorMethod):
     PROJ_LAST_BN = True
+    LOSS_TERMS, KEYS_PER_IMAGE = 2, 1   # eq. 4 symmetrised: the mean of both directions; z1 into the support set
 
     PARAMS = {"temperature": temperature_param(), "support_size": Int(1), "pred_hidden": Int(1),
               **two_view_params(), **projector_params()}

@@ -20,7 +20,9 @@ as NNCLR §4.1 uses) can be set in the block, so that beside NNCLR both see the 
 Gradient: the paper's formulas make the positive a function of a support-set element, which has no gradient;
 with `pseudo` and `noise` off (the "swu" row of Table 4) nothing at all would then reach the encoder. The
 positive is therefore a straight-through estimate, as in the Keras NNCLR example (which, like this paper, has no
-predictor): its value is eq. 4-5, its gradient with respect to z the identity.
+predictor): its value is eq. 4-5, its gradient with respect to z the identity. Eq. 4 itself, z'' = alpha z +
+(1 - alpha) NN(z) with NN(z) constant, passes alpha I: `straight_through: alpha` trains with that gradient, the
+step-size control beside NNCLR (identity takes 1 / alpha = 4x eq. 4's step under SGD at alpha = 0.25).
 
 Support set and target as in NNCLR / BYOL: Q is filled after the step from z1 gathered across ranks (identical
 everywhere); Q, the target and the noise generator's seed and step counter are buffers / modules, so a
@@ -37,33 +39,53 @@ from pipeline.methods.base import (ProjectorMethod, momentum_copy, projector_par
                                    two_view_params)
 from pipeline.methods.memory import SupportSet, nearest_neighbour
 from pipeline.methods.registry import register
-from pipeline.schema import Bool, Float, Int
+from pipeline.schema import Bool, Float, Int, Str
 from pipeline import dist
 from pipeline.utils import mix_seed
 
 
 def pseudo_neighbour(z: torch.Tensor, support: torch.Tensor, alpha: float, beta: float,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, st_scale: float = 1.0) -> torch.Tensor:
     """pNN(z) (eq. 4-5) for each row of z (B, D), on the unit sphere of the support set: with z^ = z / ||z||,
     z'' = z^ + (1 - alpha)(NN(z^) - z^) and z' = z'' + beta ||z'' - z^|| * eps, eps ~ N(0, I) drawn from
-    `generator`. alpha = 0 gives NN(z), beta = 0 gives z''. Straight-through: value z', gradient identity in z^."""
+    `generator`. alpha = 0 gives NN(z), beta = 0 gives z''. Straight-through: value z', gradient `st_scale` x identity
+    in z^ (1: identity; alpha: eq. 4's own d z''/d z^ = alpha I, NN(z^) a constant)."""
     zn = F.normalize(z.float(), dim=1)
     nn_z = nearest_neighbour(zn, support)
     pnn = torch.lerp(zn.detach(), nn_z, 1 - alpha)                       # eq. 4
     if beta > 0:
         sigma = beta * (pnn - zn.detach()).norm(dim=1, keepdim=True)    # eq. 5: one std for every dimension
         pnn = pnn + sigma * torch.randn(pnn.shape, generator=generator, device=pnn.device, dtype=pnn.dtype)
-    return pnn + (zn - zn.detach())  # exactly the value pnn; d/dz^ = identity
+    return pnn + st_scale * (zn - zn.detach())  # exactly the value pnn; d/dz^ = st_scale * identity
+
+
+# the gradient the straight-through positive passes to z^: `identity` (the default, as the Keras NNCLR example's
+# straight-through) or `alpha`, eq. 4's own Jacobian alpha I (4x smaller at alpha = 0.25: the step-size control)
+STRAIGHT_THROUGH = ("identity", "alpha")
+
+
+def straight_through_scale(cfg: dict) -> float:
+    """1 for `straight_through: identity`; eq. 4's alpha for `alpha` (0 with `pseudo` off: z'' = NN(z), a constant)."""
+    if cfg.get("straight_through", "identity") == "identity":
+        return 1.0
+    return cfg["alpha"] if cfg["pseudo"] else 0.0
 
 
 @register("pnnclr")
 class PNNCLR(ProjectorMethod):
     PARAMS = {"temperature": temperature_param(), "support_size": Int(1), "momentum": Float(0, 1),
               "alpha": Float(0, 1), "beta": Float(0), "pseudo": Bool(), "noise": Bool(), **projector_params(),
-              **two_view_params()}
+              **two_view_params(), "straight_through": Str(STRAIGHT_THROUGH)}
     # lambda (eq. 6) and the temperature are not given by the paper: NNCLR's t = 0.1, MoCo's lambda = 0.99
     DEFAULTS = {"temperature": 0.1, "support_size": 10000, "momentum": 0.99, "alpha": 0.25, "beta": 0.10,
-                "pseudo": True, "noise": True, "proj_hidden": 2048, "proj_dim": 2048, "proj_layers": 2}
+                "pseudo": True, "noise": True, "proj_hidden": 2048, "proj_dim": 2048, "proj_layers": 2,
+                "straight_through": "identity"}
+    LOSS_TERMS, KEYS_PER_IMAGE = 2, 1   # eq. 9's two directions, averaged (module docstring); z1 into the support set
+
+    @classmethod
+    def step_facts(cls, cfg):
+        c = {**cls.DEFAULTS, **cfg}
+        return {**super().step_facts(cfg), "straight_through_scale": straight_through_scale(c)}
 
     def __init__(self, backbone, cfg, augment, image_size):
         super().__init__(backbone, cfg, augment, image_size)
@@ -98,7 +120,8 @@ class PNNCLR(ProjectorMethod):
         alpha, beta = self.alpha_beta()
         support = self.support.active()
         g = self.noise_generator(z1.device) if beta > 0 else None
-        q1, q2 = (pseudo_neighbour(z, support, alpha, beta, g) for z in (z1, z2))
+        st = straight_through_scale(self.cfg)
+        q1, q2 = (pseudo_neighbour(z, support, alpha, beta, g, st) for z in (z1, z2))
         # targets carry no gradient: one no-grad collective for both views; rank r's rows start at r * B
         keys = dist.gather_no_grad(torch.cat([t1, t2], dim=1))
         k1, k2 = keys.split(t1.shape[1], dim=1)

@@ -8,6 +8,7 @@ from pipeline.methods.registry import register
 @register("random")
 class RandomInit(Method):
     TRAINS = False
+    LOSS_TERMS = 0
 
     def forward(self, batch):
         raise RuntimeError("the random-init floor is never trained")

@@ -28,6 +28,8 @@ class SimSiam(ProjectorMethod):
     PARAMS = {"pred_hidden": Int(1), **projector_params()}
     DEFAULTS = {"proj_hidden": 2048, "proj_dim": 2048, "proj_layers": 3, "pred_hidden": 512}
 
+    LOSS_TERMS = 2   # eq. 2: L = D(p1, z2) / 2 + D(p2, z1) / 2, the mean of both directions
+
     def __init__(self, backbone, cfg, augment, image_size):
         super().__init__(backbone, cfg, augment, image_size)
         c = self.cfg

@@ -49,6 +49,17 @@ class ViTBackbone(nn.Module):
         self.feat_dim = dim
         self.patch_size = patch_size
 
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth on the residual branches, as timm builds it for `drop_path_rate=rate`: block i of n drops
+        with probability rate * i / (n - 1) (linearly from 0 to `rate`). Modules without parameters, so a momentum
+        copy made before or after keeps its parameters one to one."""
+        from timm.layers import DropPath
+
+        rates = [x.item() for x in torch.linspace(0, rate, len(self.net.blocks))]
+        for block, r in zip(self.net.blocks, rates):
+            block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
+            block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
+
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1 + N, D): the CLS token then the patch tokens, row-major, after the final norm."""
         return self.net.forward_features(x)

@@ -55,7 +55,8 @@ def load_head(state: dict, name: str, path: str | Path = "encoder.pt") -> nn.Mod
     shapes = [tuple(sd[f"{i}.weight"].shape) for i in linears]  # (out, in)
     in_dim, hidden, out = shapes[0][1], shapes[0][0], shapes[-1][0]
     last_bn = f"{linears[-1] + 1}.running_mean" in sd
-    head = mlp(in_dim, hidden, out, layers=len(linears), last_bn=last_bn)
+    bn = len(linears) < 2 or f"{linears[0] + 1}.running_mean" in sd   # a MoCo-v2 head has none between its layers
+    head = mlp(in_dim, hidden, out, layers=len(linears), last_bn=last_bn, bn=bn)
     try:
         head.load_state_dict(sd)
     except RuntimeError as e:

@@ -28,7 +28,7 @@ from pipeline.errors import ParamError, PipelineError
 from pipeline.params import RUNTIME_TRAIN_KEYS, base_run, method_config, run_spec, training_seed
 from pipeline import dist
 from pipeline.train.checkpoint import Checkpointer, Progress, RunPaths, fingerprint, seed_everything
-from pipeline.train.optim import build_optimizer, cosine_ramp, lr_at, peak_lr, set_lr, set_weight_decay
+from pipeline.train.optim import build_optimizer, clip_gradients, cosine_ramp, lr_at, peak_lr, set_lr, set_weight_decay
 from pipeline.utils import atomic_write_json, atomic_write_text, pick_device
 
 # train keys that change how fast a run goes (or what it reports), not what it computes: they may differ on resume
@@ -106,7 +106,7 @@ class FiniteGuard:
 
 
 def train_step(model: nn.Module, method: nn.Module, opt, scaler, batch, amp_dtype, grad_clip: float, progress: float,
-               check=None) -> dict:
+               check=None, grad_clip_mode: str = "global") -> dict:
     """One optimisation step: forward (under autocast on CUDA), guard, backward, clip, step, EMA updates."""
     device_type = batch.views[0].device.type
     with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -114,10 +114,10 @@ def train_step(model: nn.Module, method: nn.Module, opt, scaler, batch, amp_dtyp
     if check is not None:
         check(out)
     opt.zero_grad(set_to_none=True)
-    scaler.scale(out["loss"]).backward()
+    scaler.scale(out["loss"] * getattr(method, "loss_scale", 1.0)).backward()   # base.Method.loss_scale
     if grad_clip > 0:
         scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(method.parameters(), grad_clip)
+        clip_gradients(list(method.parameters()), grad_clip, grad_clip_mode)
     method.before_optimizer_step()
     scaler.step(opt)
     scaler.update()
@@ -267,7 +267,8 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
                 set_weight_decay(opt, cosine_ramp(train_cfg["weight_decay"], train_cfg["weight_decay_end"], progress.step / total_steps))
             method.set_progress(progress.step / total_steps, progress.epoch + progress.step_in_epoch / steps_per_epoch)
             out = train_step(model, method, opt, scaler, batch.to(device, channels_last=cuda and train_cfg["channels_last"]),
-                             amp_dtype, train_cfg["grad_clip"], (progress.step + 1) / total_steps)
+                             amp_dtype, train_cfg["grad_clip"], (progress.step + 1) / total_steps,
+                             grad_clip_mode=train_cfg.get("grad_clip_mode", "global"))
             guard.record(out, progress)
             for k, v in out.items():  # float64 sums on the device: exact, and no host sync
                 progress.sums[k] = progress.sums.get(k, 0.0) + v.detach().double()
