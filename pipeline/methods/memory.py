@@ -54,9 +54,12 @@ class SupportSet(KeyQueue):
 @torch.no_grad()
 def nearest_neighbour(z: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     """NNCLR eq. 2: for each row of z (B, D), the row of `support` (K, D, L2-normalised) with the highest
-    cosine similarity. An empty support set (the very first step) returns z itself, normalised."""
-    zn = F.normalize(z.detach().float(), dim=1)
-    if support.shape[0] == 0:
-        return zn
-    s = support.float()
-    return s[(zn @ s.t()).argmax(dim=1)]
+    cosine similarity. An empty support set (the very first step) returns z itself, normalised.
+    In float32 with autocast off (issue 23, defect 3): under autocast the similarity matmul ran in bf16 / fp16,
+    whatever `.float()` said, and close neighbours tied or swapped (12 % of rows on clustered data)."""
+    with torch.autocast(z.device.type, enabled=False):
+        zn = F.normalize(z.detach().float(), dim=1)
+        if support.shape[0] == 0:
+            return zn
+        s = support.float()
+        return s.index_select(0, (zn @ s.t()).argmax(dim=1))
