@@ -81,6 +81,11 @@ def _blur_patches(p: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
     return out.reshape(n, c, ph, pw)
 
 
+# devices where the blur runs on the selected patches only (their indices read with `nonzero`, which costs no
+# sync on the host); anywhere else, fixed shapes
+SELECT_ON_HOST = frozenset({"cpu"})
+
+
 def _blur_selected(flat: torch.Tensor, sel: torch.Tensor, sigma: torch.Tensor, k: int, fixed_shape: bool) -> torch.Tensor:
     """flat (N, C, ph, pw) with the patches where sel (N,) is set blurred (sigma (N,)). fixed_shape: blur every
     patch and keep the selected ones (no `nonzero`, whose data-dependent size makes a GPU wait); otherwise
@@ -166,7 +171,7 @@ def _augment(x, grid, mean, std, jitter_p, jitter, blur_p, blur_sigma, solarize_
         k = min(2 * math.ceil(2 * blur_sigma[1]) + 1, 2 * min(ph, pw) - 1)   # ~2 sigma each side, within a patch
         if k >= 3:
             flat = _blur_selected(y.reshape(B * grid * grid, C, ph, pw), masks["blur"].reshape(-1), sigma.reshape(-1),
-                                  k, fixed_shape=dev.type != "cpu")
+                                  k, fixed_shape=dev.type not in SELECT_ON_HOST)
             y = flat.reshape(B, grid, grid, C, ph * pw)
     if solarize_p > 0:
         y = torch.where(masks["solarize"] & (y >= solarize_threshold), 1 - y, y)

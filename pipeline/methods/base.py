@@ -31,6 +31,8 @@ class Method(nn.Module):
     # the loader's normalisation of the views, (mean, std), set by the trainer: for methods that augment
     # view tensors in pixel space (patch-level augmentation); None = views in [0, 1]
     pixel_norm: tuple | None = None
+    # whether `train.sync_bn` may turn its BatchNorms into SyncBatchNorm under DDP (the MoCo family keeps BN per GPU)
+    SYNC_BN = True
 
     def __init__(self, backbone: nn.Module, cfg: dict, augment: dict, image_size: int):
         super().__init__()

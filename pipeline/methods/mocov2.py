@@ -29,6 +29,7 @@ from pipeline.schema import Bool, Float, Int
 
 @register("mocov2")
 class MoCoV2(MomentumContrast):
+    SYNC_BN = False  # per-GPU BN, as MoCo (§3.3) and MoCo-v2; Shuffle-BN decorrelates the key encoder's groups
     PARAMS = {"temperature": temperature_param(), "queue_size": Int(1), "momentum": Float(0, 1),
               "symmetric": Bool(), **projector_params(), **group_params(),
               **shuffle_bn_params()}
