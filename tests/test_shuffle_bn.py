@@ -157,14 +157,12 @@ def _ddp_worker(rank, port, out):
     # which methods the trainer would SyncBN-convert under torchrun on CUDA (the conversion itself runs on CPU)
     from pipeline.methods.simclr import SimCLR
     from pipeline.methods.shuffle_bn import sync_bn_applies
-    from pipeline.train.trainer import _wrap_for_device
 
     cuda, cfg = torch.device("cuda", 0), {"sync_bn": True}
     applies = {cls.__name__: sync_bn_applies(make(cls, **extra), cfg, cuda) for cls, extra in
                ((MoCoV2, {}), (LeOCLR, {"variant": "momentum"}), (SimCLR, {"temperature": 0.5}))}
     applies["off"] = sync_bn_applies(make(SimCLR, temperature=0.5), {"sync_bn": False}, cuda)
     applies["cpu"] = sync_bn_applies(make(SimCLR, temperature=0.5), cfg, torch.device("cpu"))
-    _, wrapped = _wrap_for_device(make(MoCoV2), {"sync_bn": True, "channels_last": False}, torch.device("cpu"))
     torch.save({"keys": keys, "seen": enc.seen, "plain": plain, "keys8": keys8, "seen8": enc8.seen,
                 "applies": applies}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
