@@ -115,7 +115,6 @@ def patch_augment(x: torch.Tensor, grid: int, *, enabled: bool = True, mean=None
     B, C, H, W = x.shape
     if H % grid or W % grid:
         raise ValueError(f"patch_augment: image size {H}x{W} is not divisible by grid {grid}")
-    ph, pw = H // grid, W // grid
     dev = x.device
     if not enabled:
         return (x, {op: torch.zeros(B, grid, grid, dtype=torch.bool, device=dev) for op in OPS}) if return_masks else x
