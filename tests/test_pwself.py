@@ -282,6 +282,42 @@ def test_shared_centre_sharpens_patch_targets_and_per_position_centres_do_not():
     assert k_shared <= 6 and k_fixed >= 2 * k_shared
 
 
+def test_plan_targets_equal_a_per_pair_fold_on_random_geometry():
+    """The host index plan (issue 23, defects 6 and 10: gathers and a fixed-order sum instead of boolean masks, a
+    sparse product and `index_add_`) gives every used student token the sum over its pairs of w * P_t(matched
+    teacher token), w from eqs. 8-10 / (batch x pairs), on random boxes and flips; float64 reference by loops."""
+    from pipeline.methods.pwself import pair_targets
+
+    g = torch.Generator().manual_seed(3)
+    for mode in ("pwml", "pwsl", "pwll"):
+        m = make(loss=mode, lambd=0.3)
+        b = _random_batch(g, n=8)
+        grids = [v.shape[-1] // P for v in b.views]
+        plan = m.plan(b.geometry, grids)
+        n, t_tokens = 8, grids[0] ** 2 + 1
+        p_t = torch.softmax(torch.randn(2 * n * t_tokens, 16, generator=g), dim=1)
+        got = pair_targets(p_t, plan.target_rows, plan.target_weights)
+        want: dict[tuple[int, int, int], torch.Tensor] = {}
+        pairs = m.token_pairs(b.geometry, grids)
+        for i, j, ti, si, valid in pairs:
+            cls_w, patch_w = patch_wise_weights(valid, mode, 0.3)
+            w = torch.cat([cls_w[:, None], patch_w], dim=1) / (len(pairs) * n)
+            keep = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+            for s_ in range(n):
+                for k in range(keep.shape[1]):
+                    if keep[s_, k]:
+                        key = (j, s_, int(si[s_, k]))
+                        row = p_t[(i * n + s_) * t_tokens + int(ti[s_, k])].double() * float(w[s_, k])
+                        want[key] = want.get(key, 0) + row
+        offsets = [0]
+        for gr in grids:
+            offsets.append(offsets[-1] + n * (gr * gr + 1))
+        flat_of = {offsets[j] + s_ * (grids[j] ** 2 + 1) + t: key for key in want for j, s_, t in [key]}
+        assert sorted(plan.student_tokens.tolist()) == sorted(flat_of)
+        for r, flat in enumerate(plan.student_tokens.tolist()):
+            assert close(got[r], want[flat_of[flat]], rel=1e-6), (mode, flat_of[flat])
+
+
 # --- PWLL with lambd = 1 is DINO ----------------------------------------------------------------------
 
 def _grads(m):
