@@ -166,6 +166,28 @@ def test_support_set_searches_only_written_slots():
     assert torch.allclose(s.active(), torch.cat([keys[7:], keys[3:7]]))
 
 
+def test_support_set_fill_count_is_read_on_the_host_and_restored_from_a_checkpoint():
+    """Issue 23, defect 6: `active()` reads the fill count from its host copy (no `int(buffer)`, which waits for the
+    GPU); the buffer still checkpoints it, and loading a state_dict refreshes the host copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.n += func.overloadpacket.__name__ == "_local_scalar_dense"
+            return func(*args, **(kwargs or {}))
+
+    s = SupportSet(7, 4)
+    with Reads():
+        s.push(F.normalize(torch.randn(5, 4), dim=1))
+        n_active = s.active().shape[0]
+    assert Reads.n == 0 and n_active == 5 and int(s.filled) == 5
+    fresh = SupportSet(7, 4)
+    fresh.load_state_dict(s.state_dict())
+    assert fresh.counter("filled") == 5 and torch.equal(fresh.active(), s.active())
+
+
 def hand_info_nce(queries, keys, t):
     q = [[x / math.sqrt(sum(y * y for y in r)) for x in r] for r in rows(queries)]
     k = [[x / math.sqrt(sum(y * y for y in r)) for x in r] for r in rows(keys)]

@@ -167,11 +167,13 @@ def test_forward_equals_hand_computation(mode):
     # the CLS centre moves with the teacher's CLS outputs only (§3.5 / DINO eq. 4)
     cls_mean = torch.cat([t[:, 0] for t in t_out]).mean(0)
     assert torch.allclose(m.center, 0.9 * c0 + 0.1 * cls_mean, atol=1e-6)
-    # patch position a with the mean of the teacher's outputs at a over the used (view, sample) pairs
+    # patch position a with the mean of the teacher's outputs at a over every (global view, sample), matched or
+    # not (the authors' centre; issue 26 item 9): positions no pair uses move too
+    assert len(used) < 2 * 3 * 4, "the batch must leave some (view, sample, position) unmatched"
     for a in range(4):
-        outs = [t_out[i][n, 1 + a] for i, n, pos in sorted(used) if pos == a]
-        want_c = 0.9 * pc0[a] + 0.1 * torch.stack(outs).mean(0) if outs else pc0[a]
-        assert torch.allclose(m.patch_center[a], want_c, atol=1e-6), a
+        outs = [t_out[i][n, 1 + a] for i in range(2) for n in range(3)]
+        want_c = 0.9 * pc0[a] + 0.1 * sum(outs) / 6
+        assert close(m.patch_center[a], want_c, rel=1e-5), (a, gap(m.patch_center[a], want_c))
     out["loss"].backward()
     assert m.backbone.embed.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in m.teacher_backbone.parameters())
@@ -238,10 +240,10 @@ class OffsetPatchNet(PatchNet):
 class SharedCentre(PWSelf):
     """The old centring: DINO's CLS centre subtracted from every patch token too, no patch centre."""
 
-    def token_centers(self, pos):
-        return self.center.expand(pos.shape[0], -1)
+    def token_centers(self):
+        return self.center.expand(self.patch_center.shape[0] + 1, -1)
 
-    def update_patch_center(self, teacher_logits, pos):
+    def update_patch_center(self, teacher_logits):
         pass
 
 
@@ -278,6 +280,42 @@ def test_shared_centre_sharpens_patch_targets_and_per_position_centres_do_not():
     assert (h0, k0) == (h0_fix, k0_fix)  # the same first step: both centres start at 0
     assert h_shared < 0.75 * h0 and h_fixed > 1.4 * h0 and h_fixed > h_shared + 1.5
     assert k_shared <= 6 and k_fixed >= 2 * k_shared
+
+
+def test_plan_targets_equal_a_per_pair_fold_on_random_geometry():
+    """The host index plan (issue 23, defects 6 and 10: gathers and a fixed-order sum instead of boolean masks, a
+    sparse product and `index_add_`) gives every used student token the sum over its pairs of w * P_t(matched
+    teacher token), w from eqs. 8-10 / (batch x pairs), on random boxes and flips; float64 reference by loops."""
+    from pipeline.methods.pwself import pair_targets
+
+    g = torch.Generator().manual_seed(3)
+    for mode in ("pwml", "pwsl", "pwll"):
+        m = make(loss=mode, lambd=0.3)
+        b = _random_batch(g, n=8)
+        grids = [v.shape[-1] // P for v in b.views]
+        plan = m.plan(b.geometry, grids)
+        n, t_tokens = 8, grids[0] ** 2 + 1
+        p_t = torch.softmax(torch.randn(2 * n * t_tokens, 16, generator=g), dim=1)
+        got = pair_targets(p_t, plan.target_rows, plan.target_weights)
+        want: dict[tuple[int, int, int], torch.Tensor] = {}
+        pairs = m.token_pairs(b.geometry, grids)
+        for i, j, ti, si, valid in pairs:
+            cls_w, patch_w = patch_wise_weights(valid, mode, 0.3)
+            w = torch.cat([cls_w[:, None], patch_w], dim=1) / (len(pairs) * n)
+            keep = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+            for s_ in range(n):
+                for k in range(keep.shape[1]):
+                    if keep[s_, k]:
+                        key = (j, s_, int(si[s_, k]))
+                        row = p_t[(i * n + s_) * t_tokens + int(ti[s_, k])].double() * float(w[s_, k])
+                        want[key] = want.get(key, 0) + row
+        offsets = [0]
+        for gr in grids:
+            offsets.append(offsets[-1] + n * (gr * gr + 1))
+        flat_of = {offsets[j] + s_ * (grids[j] ** 2 + 1) + t: key for key in want for j, s_, t in [key]}
+        assert sorted(plan.student_tokens.tolist()) == sorted(flat_of)
+        for r, flat in enumerate(plan.student_tokens.tolist()):
+            assert close(got[r], want[flat_of[flat]], rel=1e-6), (mode, flat_of[flat])
 
 
 # --- PWLL with lambd = 1 is DINO ----------------------------------------------------------------------

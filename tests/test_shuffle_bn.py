@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -147,22 +148,60 @@ def _ddp_worker(rank, port, out):
     _init(rank, port)
     x = _global_batch()[rank * 8:(rank + 1) * 8]
     enc = RecordingBN()
-    keys = shuffled_encode(enc, x, 2, seed=11, modules=[enc])
-    plain = shuffled_encode(lambda y: y + 1, x, 2, seed=11)
-    torch.save({"keys": keys, "seen": enc.seen, "plain": plain}, f"{out}/rank{rank}.pt")
+    keys = shuffled_encode(enc, x, 4, seed=11, modules=[enc])        # 4 groups of the global batch: 2 per rank
+    plain = shuffled_encode(lambda y: y + 1, x, 4, seed=11)
+    # MoCo's setting at a smaller scale: 8 global groups over 2 ranks of 16 keys -> 4 groups of 4 per rank
+    wide = torch.randn(32, 3, generator=torch.Generator().manual_seed(5))[rank * 16:(rank + 1) * 16]
+    enc8 = RecordingBN()
+    keys8 = shuffled_encode(enc8, wide, 8, seed=12, modules=[enc8])
+    # which methods the trainer would SyncBN-convert under torchrun on CUDA (the conversion itself runs on CPU)
+    from pipeline.methods.simclr import SimCLR
+    from pipeline.methods.shuffle_bn import sync_bn_applies
+
+    cuda, cfg = torch.device("cuda", 0), {"sync_bn": True}
+    applies = {cls.__name__: sync_bn_applies(make(cls, **extra), cfg, cuda) for cls, extra in
+               ((MoCoV2, {}), (LeOCLR, {"variant": "momentum"}), (SimCLR, {"temperature": 0.5}))}
+    applies["off"] = sync_bn_applies(make(SimCLR, temperature=0.5), {"sync_bn": False}, cuda)
+    applies["cpu"] = sync_bn_applies(make(SimCLR, temperature=0.5), cfg, torch.device("cpu"))
+    torch.save({"keys": keys, "seen": enc.seen, "plain": plain, "keys8": keys8, "seen8": enc8.seen,
+                "applies": applies}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_ddp_shuffles_across_ranks_and_unshuffles_in_order(tmp_path):
-    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shuffle_bn_ddp")
+    mp.spawn(_ddp_worker, args=(free_port(), str(out)), nprocs=WORLD)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_ddp_shuffles_across_ranks_and_unshuffles_in_order(ddp_ranks):
+    ranks = ddp_ranks
     x = _global_batch()
     for r, got in enumerate(ranks):  # BN-free: every rank gets its own rows back, in order
         assert torch.equal(got["plain"], x[r * 8:(r + 1) * 8] + 1)
     # rank 0's BN groups hold rows of rank 1's batch: the shuffle crossed ranks
     seen0 = sum((rows_of(b, x) for b in ranks[0]["seen"]), [])
     assert len(seen0) == 8 and any(i >= 8 for i in seen0)
-    # one process with the ranks' 2 x 2 groups on the gathered batch gives the same keys
+    # `groups` is global (issue 23, defect 7): one process with the same 4 groups on the gathered batch gives the
+    # same keys (each rank normalised 4 / 2 = 2 groups)
     enc = RecordingBN()
-    single = shuffled_encode(enc, x, 2 * WORLD, seed=11, modules=[enc])
+    single = shuffled_encode(enc, x, 4, seed=11, modules=[enc])
     assert torch.allclose(torch.cat([r["keys"] for r in ranks]), single, atol=1e-6)
+
+
+def test_ddp_groups_are_global_and_the_moco_family_keeps_per_gpu_bn(ddp_ranks):
+    """Issue 23, defect 7. `shuffle_bn_groups: 8` over 2 ranks of 16 keys: each rank normalises 4 groups of 4 (the
+    8 groups of one process on the 32 keys), not 8 groups of 2. And `train.sync_bn` SyncBN-converts SimCLR under
+    torchrun on CUDA but never the MoCo family (MoCo §3.3: BN per GPU)."""
+    ranks = ddp_ranks
+    wide = torch.randn(32, 3, generator=torch.Generator().manual_seed(5))
+    got = torch.cat([r["keys8"] for r in ranks])
+    enc = RecordingBN()
+    want = shuffled_encode(enc, wide, 8, seed=12, modules=[enc])          # 8 groups of 4 in one process
+    per_rank_eight = RecordingBN()
+    old = shuffled_encode(per_rank_eight, wide, 16, seed=12, modules=[per_rank_eight])  # 2 ranks x 8 groups of 2
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, old, atol=1e-3)
+    for r in ranks:
+        assert [b.shape[0] for b in r["seen8"]] == [16]   # one pass over the rank's 16 keys, in its 4 groups
+        assert r["applies"] == {"MoCoV2": False, "LeOCLR": False, "SimCLR": True, "off": False, "cpu": False}

@@ -7,7 +7,10 @@ then normalisation and, for PW-Self, the per-patch augmentation (§3.3). Each op
 as torchvision's functional op on float images (tested), applied to the selected samples only.
 
 Every random parameter of a batch is drawn up front on the CPU from one generator seeded by the batch's
-seed, so a batch gets the same parameters on any device and a resumed run the same augmentation.
+seed, so a batch gets the same parameters on any device and a resumed run the same augmentation. Which samples
+an op selects is therefore known on the host; the parameters and sample indices reach the device by
+non-blocking copies from pinned memory (`transfer.to_device`), so augmenting a batch never makes the host wait
+for the GPU (issue 23, defect 6).
 Images are float in [0, 1] throughout; the loader hands over uint8.
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.transfer import constant, to_device
 from pipeline.data.views import BLUR_SIGMA, ViewSpec
 from pipeline.utils import mix_seed
 
@@ -24,7 +28,7 @@ SOLARIZE_THRESHOLD = 128 / 255     # torchvision's RandomSolarize(128) on uint8 
 # --- the ops, batched: x (B, 3, H, W) float in [0, 1]; one parameter per sample ---------------------------
 
 def _per_sample(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return f.to(x.device, x.dtype).view(-1, 1, 1, 1)
+    return to_device(f, x.device, x.dtype).view(-1, 1, 1, 1)
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -78,7 +82,7 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
 def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """Rotate the hue by f (a fraction of the circle, |f| <= 0.5) in HSV space."""
     h, s, v = _rgb_to_hsv(x)
-    h = torch.remainder(h + f.to(x.device, x.dtype).view(-1, 1, 1), 1.0)
+    h = torch.remainder(h + to_device(f, x.device, x.dtype).view(-1, 1, 1), 1.0)
     return _hsv_to_rgb(h, s, v)
 
 
@@ -89,7 +93,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
     if n == 0:
         return x
     t = torch.linspace(-(kernel - 1) / 2, (kernel - 1) / 2, kernel, device=x.device, dtype=x.dtype)
-    k1 = torch.exp(-0.5 * (t[None] / sigma.to(x.device, x.dtype)[:, None]) ** 2)
+    k1 = torch.exp(-0.5 * (t[None] / to_device(sigma, x.device, x.dtype)[:, None]) ** 2)
     k1 = (k1 / k1.sum(1, keepdim=True)).repeat_interleave(c, 0)            # (n * c, k)
     pad = kernel // 2
     y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
@@ -135,7 +139,7 @@ def _on(x: torch.Tensor, mask: torch.Tensor, fn, *args) -> torch.Tensor:
     idx = mask.nonzero().squeeze(1)
     if len(idx) == 0:
         return x
-    idx_dev = idx.to(x.device)
+    idx_dev = to_device(idx, x.device)
     x[idx_dev] = fn(x[idx_dev], *(a[idx] for a in args))
     return x
 
@@ -151,7 +155,8 @@ def color_jitter(x: torch.Tensor, strengths, params: dict[str, torch.Tensor]) ->
     if len(idx) == 0:
         return x
     dev = x.device
-    y = x[idx.to(dev)]
+    idx_dev = to_device(idx, dev)
+    y = x[idx_dev]
     factors, order = params["factors"][:, idx], params["order"][idx]
     linear = [op for op in range(3) if strengths[op] != 0]       # ColorJitter skips an op of strength 0
     for pos in range(4):
@@ -159,13 +164,13 @@ def color_jitter(x: torch.Tensor, strengths, params: dict[str, torch.Tensor]) ->
         if linear:
             on = sum(op == k for k in linear).bool()
             f = torch.where(on, factors.gather(0, op.clamp(max=2)[None])[0], torch.ones(()))
-            per = lambda t: t.to(dev, y.dtype).view(-1, 1, 1, 1)  # noqa: E731
+            per = lambda t: to_device(t, dev, y.dtype).view(-1, 1, 1, 1)  # noqa: E731
             grey = grayscale(y)
             target = per(op == 1) * grey.mean(dim=(1, 2, 3), keepdim=True) + per(op == 2) * grey
             y = y.mul_(per(f)).add_(target.mul_(1 - per(f))).clamp_(0, 1)
         if strengths[3] != 0:
             y = _on(y, op == 3, adjust_hue, factors[3])
-    x[idx.to(dev)] = y
+    x[idx_dev] = y
     return x
 
 
@@ -193,8 +198,8 @@ class ViewAugment:
     def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         params = draw_params(self.spec, x.shape[0], torch.Generator().manual_seed(seed))
         y = photometric(x.float().div_(255), self.spec, params)
-        mean = torch.tensor(self.mean, device=y.device, dtype=y.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=y.device, dtype=y.dtype).view(1, -1, 1, 1)
+        mean = constant(self.mean, y.device, y.dtype).view(1, -1, 1, 1)
+        std = constant(self.std, y.device, y.dtype).view(1, -1, 1, 1)
         y = (y - mean) / std
         pa = self.spec.patch_augment
         if pa is not None and pa.enabled:

@@ -43,7 +43,7 @@ from pipeline.utils import mix_seed as _mix
 @dataclass
 class Batch:
     views: list[torch.Tensor]       # one (B, C, H, W) tensor per view spec: uint8 until `to` augments them
-    geometry: list[torch.Tensor]    # one (B, 5) tensor per view: top, left, height, width, flipped
+    geometry: list[torch.Tensor]    # one (B, 5) tensor per view: top, left, height, width, flipped (host)
     label: torch.Tensor             # for diagnostics only; methods must not read it
     index: torch.Tensor             # dataset index of each image (of the anchor, for a pair)
     positive: torch.Tensor | None = None  # image behind view 1 (== index unless a SePP-ID pair); diagnostics only
@@ -53,8 +53,10 @@ class Batch:
     augment: list[ViewAugment] | None = None   # per view, still to apply (None: the views are final)
 
     def pin_memory(self) -> "Batch":
-        """DataLoader(pin_memory=True) calls this: page-locked views copy to the GPU asynchronously."""
-        return replace(self, views=[v.pin_memory() for v in self.views])
+        """DataLoader(pin_memory=True) calls this: page-locked tensors copy to the GPU asynchronously."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return replace(self, views=[v.pin_memory() for v in self.views], label=pin(self.label), index=pin(self.index),
+                       positive=pin(self.positive))
 
     def to(self, device, channels_last: bool = False) -> "Batch":
         """The batch on `device`, ready for the method: the pending photometric augmentation applied there
@@ -66,8 +68,12 @@ class Batch:
             if self.augment is not None:
                 v = self.augment[k](v, _mix(self.seed, k))
             views.append(v.contiguous(memory_format=fmt))
-        return replace(self, views=views, geometry=[g.to(device) for g in self.geometry], label=self.label.to(device),
-                       index=self.index.to(device), positive=None if self.positive is None else self.positive.to(device),
+        from pipeline.data.transfer import to_device
+
+        # every copy non-blocking (a blocking host -> GPU copy waits for the GPU: issue 23, defect 6); geometry
+        # stays on the host, where PW-Self computes its patch matching from it (pipeline/methods/pwself.py)
+        move = lambda t: None if t is None else to_device(t, device)  # noqa: E731
+        return replace(self, views=views, label=move(self.label), index=move(self.index), positive=move(self.positive),
                        augment=None)
 
 

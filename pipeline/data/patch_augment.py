@@ -18,6 +18,15 @@ operator selects are returned bit-identical.
 
 Works in [0, 1] pixel space: pass the dataset's mean/std when the views are normalised (the loader
 normalises), so they are un-normalised first and re-normalised after.
+
+Precision and host syncs (issue 23, defects 1 and 6): the whole augmentation runs in float32 with autocast
+off, whatever the caller's autocast region (GSSSL and grouped SimCLR / MoCo-v2 cut and augment their patches
+inside the forward: under CUDA autocast the blur convolution returned half precision and `index_copy` into
+the float32 batch raised; CPU autocast promotes `index_copy` and hid it, but still blurred and hue-rotated in
+bf16). On a CUDA device nothing reads the device back: the blur runs on every patch and is kept where
+selected (fixed shapes instead of `nonzero`), the YIQ inverse is a constant, and the constants are copied
+from pinned memory without blocking. On the CPU the blur runs on the selected patches only (no sync there),
+bit for bit as before.
 """
 from __future__ import annotations
 
@@ -26,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.data.transfer import to_device
 
 OPS = ("jitter", "grayscale", "blur", "solarize", "noise", "hflip")     # applied in this order
 
@@ -40,17 +51,18 @@ def _gray(y: torch.Tensor) -> torch.Tensor:
 
 
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)   # once, not per step (a per-step inverse on CUDA is a solver call)
 
 
 def _hue_matrix(angle: torch.Tensor) -> torch.Tensor:
     """Hue shift as a rotation of the chroma plane in YIQ space: a linear, vectorisable approximation of
     torchvision's HSV hue shift. angle (...) -> (..., 3, 3) RGB -> RGB matrices."""
-    fwd = _RGB2YIQ.to(angle.device, angle.dtype)
+    fwd, inv = (to_device(m, angle.device, angle.dtype) for m in (_RGB2YIQ, _YIQ2RGB))
     cos, sin = torch.cos(angle), torch.sin(angle)
     rot = torch.zeros(*angle.shape, 3, 3, device=angle.device, dtype=angle.dtype)
     rot[..., 0, 0] = 1
     rot[..., 1, 1], rot[..., 1, 2], rot[..., 2, 1], rot[..., 2, 2] = cos, -sin, sin, cos
-    return torch.linalg.inv(fwd) @ rot @ fwd
+    return inv @ rot @ fwd
 
 
 def _blur_patches(p: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
@@ -67,6 +79,21 @@ def _blur_patches(p: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
     out = F.conv2d(out, w[:, None, :, None], groups=n * c)
     out = F.conv2d(out, w[:, None, None, :], groups=n * c)
     return out.reshape(n, c, ph, pw)
+
+
+# devices where the blur runs on the selected patches only (their indices read with `nonzero`, which costs no
+# sync on the host); anywhere else, fixed shapes
+SELECT_ON_HOST = frozenset({"cpu"})
+
+
+def _blur_selected(flat: torch.Tensor, sel: torch.Tensor, sigma: torch.Tensor, k: int, fixed_shape: bool) -> torch.Tensor:
+    """flat (N, C, ph, pw) with the patches where sel (N,) is set blurred (sigma (N,)). fixed_shape: blur every
+    patch and keep the selected ones (no `nonzero`, whose data-dependent size makes a GPU wait); otherwise
+    blur only the selected patches (the CPU path: less work, no sync to avoid)."""
+    if fixed_shape:
+        return torch.where(sel[:, None, None, None], _blur_patches(flat, sigma, k), flat)
+    idx = sel.nonzero().squeeze(1)
+    return flat.index_copy(0, idx, _blur_patches(flat[idx], sigma[idx], k))
 
 
 def patch_augment(x: torch.Tensor, grid: int, *, enabled: bool = True, mean=None, std=None,
@@ -88,10 +115,23 @@ def patch_augment(x: torch.Tensor, grid: int, *, enabled: bool = True, mean=None
     B, C, H, W = x.shape
     if H % grid or W % grid:
         raise ValueError(f"patch_augment: image size {H}x{W} is not divisible by grid {grid}")
-    ph, pw = H // grid, W // grid
     dev = x.device
     if not enabled:
         return (x, {op: torch.zeros(B, grid, grid, dtype=torch.bool, device=dev) for op in OPS}) if return_masks else x
+    # float32 with autocast off, whatever the caller's region (module doc)
+    with torch.autocast(dev.type, enabled=False):
+        out, masks = _augment(x.float(), grid, mean, std, jitter_p, jitter, blur_p, blur_sigma, solarize_p,
+                              solarize_threshold, noise_p, noise_std, grayscale_p, hflip_p, generator)
+    out = out.to(x.dtype)
+    return (out, masks) if return_masks else out
+
+
+def _augment(x, grid, mean, std, jitter_p, jitter, blur_p, blur_sigma, solarize_p, solarize_threshold, noise_p,
+             noise_std, grayscale_p, hflip_p, generator):
+    """patch_augment's body on a float32 x, autocast off; returns (out, {op: (B, grid, grid) masks})."""
+    B, C, H, W = x.shape
+    ph, pw = H // grid, W // grid
+    dev = x.device
 
     # every draw up front, fixed order: the result depends on the seed only
     shape = (B, grid, grid, 1, 1)
@@ -111,8 +151,8 @@ def patch_augment(x: torch.Tensor, grid: int, *, enabled: bool = True, mean=None
     # inner dims (fast elementwise ops), and blur sees each patch as a plain (C, ph, pw) image
     x_p = x.reshape(B, C, grid, ph, grid, pw).permute(0, 2, 4, 1, 3, 5).reshape(B, grid, grid, C, ph * pw)
     if mean is not None:
-        m_ = torch.as_tensor(mean, dtype=x.dtype, device=dev).view(-1, 1)
-        s_ = torch.as_tensor(std, dtype=x.dtype, device=dev).view(-1, 1)
+        m_ = to_device(torch.as_tensor(mean, dtype=x.dtype), dev).view(-1, 1)
+        s_ = to_device(torch.as_tensor(std, dtype=x.dtype), dev).view(-1, 1)
     y = x_p * s_ + m_ if mean is not None else x_p
 
     if jitter_p > 0:
@@ -129,9 +169,8 @@ def patch_augment(x: torch.Tensor, grid: int, *, enabled: bool = True, mean=None
     if blur_p > 0:
         k = min(2 * math.ceil(2 * blur_sigma[1]) + 1, 2 * min(ph, pw) - 1)   # ~2 sigma each side, within a patch
         if k >= 3:
-            flat = y.reshape(B * grid * grid, C, ph, pw)
-            sel = masks["blur"].reshape(-1).nonzero().squeeze(1)
-            flat = flat.index_copy(0, sel, _blur_patches(flat[sel], sigma.reshape(-1)[sel], k))
+            flat = _blur_selected(y.reshape(B * grid * grid, C, ph, pw), masks["blur"].reshape(-1), sigma.reshape(-1),
+                                  k, fixed_shape=dev.type not in SELECT_ON_HOST)
             y = flat.reshape(B, grid, grid, C, ph * pw)
     if solarize_p > 0:
         y = torch.where(masks["solarize"] & (y >= solarize_threshold), 1 - y, y)
@@ -144,9 +183,7 @@ def patch_augment(x: torch.Tensor, grid: int, *, enabled: bool = True, mean=None
     if hflip_p > 0:
         out = torch.where(masks["hflip"].unsqueeze(-1), out.flip(-1), out)
     out = out.permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
-    if return_masks:
-        return out, {op: masks[op].reshape(B, grid, grid) for op in OPS}
-    return out
+    return out, {op: masks[op].reshape(B, grid, grid) for op in OPS}
 
 
 @dataclass(frozen=True)

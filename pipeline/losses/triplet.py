@@ -21,6 +21,7 @@ def rank_k_triplet(queries: torch.Tensor, keys: torch.Tensor, positive: torch.Te
     sim = F.normalize(queries, dim=1) @ F.normalize(keys, dim=1).t()
     rows = torch.arange(sim.shape[0], device=sim.device)
     pos = sim[rows, positive]
-    negatives = sim.index_put((rows, positive), torch.tensor(float("-inf"), device=sim.device, dtype=sim.dtype))
+    # torch.full, not torch.tensor: a host scalar copied to the GPU would block the step
+    negatives = sim.index_put((rows, positive), torch.full((), float("-inf"), device=sim.device, dtype=sim.dtype))
     kth = negatives.topk(k, dim=1).values[:, -1]
     return F.relu(margin + kth - pos).mean()

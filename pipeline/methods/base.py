@@ -37,6 +37,8 @@ class Method(nn.Module):
     LOSS_TERMS = 1
     LOSS_REDUCTION = "mean"
     KEYS_PER_IMAGE = 0
+    # whether `train.sync_bn` may turn its BatchNorms into SyncBatchNorm under DDP (the MoCo family keeps BN per GPU)
+    SYNC_BN = True
 
     def __init__(self, backbone: nn.Module, cfg: dict, augment: dict, image_size: int):
         super().__init__()

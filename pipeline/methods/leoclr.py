@@ -30,6 +30,7 @@ VARIANTS = ("momentum", "end_to_end")
 
 @register("leoclr")
 class LeOCLR(MomentumContrast):
+    SYNC_BN = False  # per-GPU BN, as MoCo (§3.3) and MoCo-v2; Shuffle-BN decorrelates the key encoder's groups
     PARAMS = {"temperature": temperature_param(), "queue_size": Int(1), "momentum": Float(0, 1),
               "variant": Str(VARIANTS), **projector_params(), **shuffle_bn_params()}
     DEFAULTS = {"temperature": 0.2, "queue_size": 65536, "momentum": 0.999, "variant": "momentum",

@@ -7,7 +7,9 @@ so it is identical on all ranks; it is a buffer, so checkpoints save and restore
 base.MomentumContrast, shared with LeOCLR).
 `symmetric: true` adds the loss with the views swapped (a common CIFAR setting; off = the paper).
 Shuffle-BN (MoCo §3.3, on by default; `shuffle_bn: false` turns it off): the key encoder normalises shuffled
-sub-batches, `shuffle_bn_groups` of them (8: MoCo's 8 GPUs), shuffled across ranks under DDP (shuffle_bn.py).
+sub-batches, `shuffle_bn_groups` of them in the global batch (8: MoCo's 8 GPUs; under DDP each rank takes
+groups / world size of them), shuffled across ranks under DDP (shuffle_bn.py). BN stays per GPU under DDP
+(MoCo §3.3): `SYNC_BN = False` keeps `train.sync_bn` from converting the query encoder.
 
 `groups` (off by default): GSSSL's multi-patch grouping (Li et al. 2024, Table 5, "MoCo + Multi-Image
 Patches"; pipeline/methods/patch_groups.py). As for SimCLR, the paper does not say how the group enters
@@ -29,6 +31,7 @@ from pipeline.schema import Bool, Float, Int
 
 @register("mocov2")
 class MoCoV2(MomentumContrast):
+    SYNC_BN = False  # per-GPU BN, as MoCo (§3.3) and MoCo-v2; Shuffle-BN decorrelates the key encoder's groups
     PARAMS = {"temperature": temperature_param(), "queue_size": Int(1), "momentum": Float(0, 1),
               "symmetric": Bool(), **projector_params(), **group_params(),
               **shuffle_bn_params()}

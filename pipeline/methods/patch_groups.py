@@ -27,6 +27,7 @@ from torch import nn
 from pipeline.data.patch_augment import PatchAugment
 from pipeline.data.patch_crops import min_overlapping_size, random_patches
 from pipeline.errors import ParamError
+from pipeline.methods.memory import HostCounters
 from pipeline.schema import Float, Int, List, Section, Str, Validator
 from pipeline import dist
 
@@ -48,17 +49,18 @@ AUG_DEFAULTS = {"jitter_p": 0.8, "jitter": (0.4, 0.4, 0.2, 0.1), "grayscale_p": 
                 "blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2), "pairing": "patch_to_mean"}
 
 
-class PatchGroups(nn.Module):
+class PatchGroups(HostCounters):
     """n patches of size x size per view and their augmentation (VICReg's defaults); no parameters, two
-    buffers (the patch RNG's seed and draw counter) so checkpoints carry the patch sequence."""
+    buffers (the patch RNG's seed and draw counter, with host copies: the step reads no device value) so
+    checkpoints carry the patch sequence."""
 
     def __init__(self, n: int, size: int, **aug):
         super().__init__()
         self.n, self.size = n, size
         for k, v in {**AUG_DEFAULTS, **aug}.items():
             setattr(self, k, tuple(v) if isinstance(v, list) else v)
-        self.register_buffer("seed", torch.randint(0, 2**62, ()))
-        self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+        self.register_counter("seed", int(torch.randint(0, 2**62, ())))
+        self.register_counter("draws", 0)
 
     @classmethod
     def from_block(cls, block: dict, image_size: int, key: str) -> "PatchGroups":
@@ -82,8 +84,9 @@ class PatchGroups(nn.Module):
 
     def next_generator(self, device) -> torch.Generator:
         """A fresh generator per call, from (seed, draw counter, rank); advances the counter."""
-        seed = hash((int(self.seed), int(self.draws), dist.rank())) % 2**63   # ints hash deterministically
-        self.draws += 1
+        draws = self.counter("draws")
+        seed = hash((self.counter("seed"), draws, dist.rank())) % 2**63   # ints hash deterministically
+        self.set_counter("draws", draws + 1)
         return torch.Generator(device=device).manual_seed(seed)
 
     def cut(self, view: torch.Tensor, branch: int, pixel_norm=None, generator: torch.Generator | None = None

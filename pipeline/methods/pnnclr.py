@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pipeline.losses.contrastive import info_nce_batch
 from pipeline.methods.base import (ProjectorMethod, momentum_copy, projector_params, temperature_param,
                                    two_view_params)
-from pipeline.methods.memory import SupportSet, nearest_neighbour
+from pipeline.methods.memory import HostCounters, SupportSet, nearest_neighbour
 from pipeline.methods.registry import register
 from pipeline.schema import Bool, Float, Int, Str
 from pipeline import dist
@@ -72,7 +72,7 @@ def straight_through_scale(cfg: dict) -> float:
 
 
 @register("pnnclr")
-class PNNCLR(ProjectorMethod):
+class PNNCLR(ProjectorMethod, HostCounters):
     PARAMS = {"temperature": temperature_param(), "support_size": Int(1), "momentum": Float(0, 1),
               "alpha": Float(0, 1), "beta": Float(0), "pseudo": Bool(), "noise": Bool(), **projector_params(),
               **two_view_params(), "straight_through": Str(STRAIGHT_THROUGH)}
@@ -93,8 +93,8 @@ class PNNCLR(ProjectorMethod):
         self.target_projector = momentum_copy(self.projector)
         self.support = SupportSet(self.cfg["support_size"], self.cfg["proj_dim"])
         # drawn from the seeded global RNG at construction, so a run's noise follows from params.seed
-        self.register_buffer("noise_seed", torch.randint(0, 2**62, ()))
-        self.register_buffer("noise_step", torch.zeros((), dtype=torch.long))
+        self.register_counter("noise_seed", int(torch.randint(0, 2**62, ())))
+        self.register_counter("noise_step", 0)   # both with host copies: the step reads no device value
         self._pending = None
 
     @torch.no_grad()
@@ -109,8 +109,9 @@ class PNNCLR(ProjectorMethod):
     def noise_generator(self, device: torch.device) -> torch.Generator:
         """This step's generator on this rank; advances the step counter (a buffer: resume continues it)."""
         g = torch.Generator(device=device)
-        g.manual_seed(mix_seed(int(self.noise_seed), int(self.noise_step), dist.rank()))
-        self.noise_step += 1
+        step = self.counter("noise_step")
+        g.manual_seed(mix_seed(self.counter("noise_seed"), step, dist.rank()))
+        self.set_counter("noise_step", step + 1)
         return g
 
     def forward(self, batch):

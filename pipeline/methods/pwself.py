@@ -17,8 +17,9 @@ Choices, from the paper:
   for every teacher output, "C is the average of samples inside the batch". Each token position of the
   teacher's (global-crop) grid has its own centre, as in the authors' code: the CLS token keeps DINO's
   centre (eq. 4, from the CLS outputs only), and patch position p gets C_p, an EMA with DINO's momentum of
-  the teacher's outputs at p over the batch (the used rows: the positions some pair matches), all-reduced
-  across ranks. Only the teacher's outputs are centred, and the teacher sees the global crops only, so the
+  the mean of the teacher's outputs at p over every global view and sample of the batch, matched or not (the
+  authors' code: its DINOLoss.update_center averages the teacher's whole (2B, T, K) output; issue 26 item 9),
+  all-reduced across ranks. Only the teacher's outputs are centred, and the teacher sees the global crops only, so the
   student's (local) grids need none. One centre shared by CLS and patches is a bug: the patch outputs drift
   away from the CLS mean, so subtracting it leaves a common offset that the sharpening temperature turns
   into one-hot patch targets (patch collapse; tests/test_pwself.py reproduces it). The CLS centre stays
@@ -31,18 +32,24 @@ Choices, from the paper:
 - PWLL with lambd = 1 removes the patch terms: the step is then DINO's own (same loss and gradients, and
   the patch work is skipped); with patch_augment off as well, the views are DINO's too, so the run is DINO.
 
-Cost: the head runs once per network on only the tokens some pair uses (every CLS token, and the patch
-tokens matched in at least one pair); the cross-entropies of all pairs are folded into one weighted teacher
-target per student token (H is linear in the teacher distribution), so each student token needs one
-log-softmax and no per-pair gather enters the backward pass.
+Cost: the teacher's head runs on all its tokens (the centres need them all), the student's only on the
+tokens some pair uses (every CLS token, and the patch tokens matched in at least one pair); the cross-entropies
+of all pairs are folded into one weighted teacher target per student token (H is linear in the teacher
+distribution), so each student token needs one log-softmax and no per-pair gather enters the backward pass.
+
+GPU (issue 23, defects 2, 6, 10): the matching and every index derived from it are computed on the host from
+the views' geometry (`plan`; the loader leaves geometry on the host) and copied to the device without blocking,
+so the step has no boolean indexing or `nonzero`; the targets are built in float32 with autocast off, by gathers
+and a fixed-order sum (no sparse product, no atomic `index_add_`): the same bits on every run.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from pipeline.data.patch_augment import PatchAugment
+from pipeline.data.transfer import to_device
 from pipeline.data.patch_matching import match_patches
 from pipeline.losses.distillation import (PATCH_AGGREGATIONS, ema_center, patch_wise_weights, soft_cross_entropy,
                                           teacher_probs)
@@ -86,7 +93,7 @@ class PWSelf(DINO):
             return specs
         return [replace(s, patch_augment=PatchAugment(), patch_grid=s.size // self.patch_size) for s in specs]
 
-    # --- matching ---------------------------------------------------------------------------------
+    # --- matching and the step's index plan, on the host ----------------------------------------------
     def token_pairs(self, geometry: list[torch.Tensor], grids: list[int]):
         """Per (teacher global view i, student view j != i), in DINO's pair order: (i, j, teacher token
         indices (B, 1 + M), student token indices (B, 1 + M), valid (B, M)). Token 0 is CLS; the rest are
@@ -99,40 +106,59 @@ class PWSelf(DINO):
                     out.append((i, j, _with_cls(ia, valid), _with_cls(ib, valid), valid))
         return out
 
-    def project_used(self, head, tokens: list[torch.Tensor], uses: list[tuple[int, torch.Tensor]]):
-        """Run `head` once on the tokens that some pair uses. tokens: per view (B, T, D); uses: (view, (B, L)
-        token indices). Returns (logits (R, K) of the used tokens, per view a (B, T) map token -> row, and the
-        token position (R,) of every row: 0 = CLS, 1 + p = patch p of that view's grid)."""
-        used = [torch.zeros(t.shape[:2], dtype=torch.bool, device=t.device) for t in tokens]
+    def plan(self, geometry: list[torch.Tensor], grids: list[int]) -> StepPlan:
+        """Every index of the step, from the views' geometry on the host (the loader keeps it there): the
+        matched pairs are data, so everything shaped by them (which student tokens go through the head, which
+        teacher row each target mixes, with which weight) is decided here, where reading it costs nothing; the
+        device then only gathers with fixed-size index tensors (no boolean indexing, no `nonzero`, no atomics)."""
+        c = self.cfg
+        geometry = [g.cpu() for g in geometry]
+        pairs = self.token_pairs(geometry, grids)
+        b = geometry[0].shape[0]
+        t_tokens = grids[0] ** 2 + 1
+        # the student tokens some pair uses (every CLS token), numbered in view order: the head's input rows
+        used = [torch.zeros(b, g * g + 1, dtype=torch.bool) for g in grids]
         for u in used:
             u[:, 0] = True
-        for v, idx in uses:
-            used[v].scatter_(1, idx, True)
+        for _, j, _, si, _ in pairs:
+            used[j].scatter_(1, si, True)
         mask = torch.cat([u.reshape(-1) for u in used])
-        rows = (mask.cumsum(0) - 1).split([u.numel() for u in used])
-        pos = torch.cat([torch.arange(u.shape[1], device=u.device).expand_as(u).reshape(-1) for u in used])
-        flat = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens])
-        return head(flat[mask]), [r.view_as(u) for r, u in zip(rows, used)], pos[mask]
+        s_rows = [r.view_as(u) for r, u in zip((mask.cumsum(0) - 1).split([u.numel() for u in used]), used)]
+        # the matched (student row, teacher row, weight) triples; teacher row of (view i, sample n, token t) is
+        # (i * B + n) * T + t: the teacher's head runs on all its tokens
+        scale = 1.0 / (len(pairs) * b)
+        sample = torch.arange(b)[:, None]
+        rows_s, rows_t, weights, cls_ws = [], [], [], []
+        for i, j, ti, si, valid in pairs:
+            cls_w, patch_w = patch_wise_weights(valid, c["loss"], c["lambd"])
+            keep = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+            rows_s.append(s_rows[j].gather(1, si)[keep])
+            rows_t.append(((i * b + sample) * t_tokens + ti)[keep])
+            weights.append(torch.cat([cls_w[:, None], patch_w], dim=1)[keep] * scale)
+            cls_ws.append(cls_w)
+        src, w = _fold_by_row(torch.cat(rows_s), torch.cat(rows_t), torch.cat(weights).float(), int(mask.sum()))
+        return StepPlan(student_tokens=mask.nonzero().squeeze(1), target_rows=src, target_weights=w,
+                        pair_views=[(i, j) for i, j, *_ in pairs],
+                        student_cls=torch.stack([s_rows[j][:, 0] for _, j, *_ in pairs]),
+                        cls_weights=torch.stack(cls_ws).float(),
+                        matched=torch.stack([v.sum() for *_, v in pairs]).sum().float())
 
     # --- centring (§3.5): DINO's centre for CLS, one per patch position -----------------------------
-    def token_centers(self, pos: torch.Tensor) -> torch.Tensor:
-        """(R,) teacher token positions -> (R, K) centres: DINO's for CLS (0), C_p for patch 1 + p."""
-        return torch.cat([self.center[None], self.patch_center])[pos]
+    def token_centers(self) -> torch.Tensor:
+        """(T, K) centres of the teacher's token positions: DINO's for CLS (0), C_p for patch 1 + p."""
+        return torch.cat([self.center[None], self.patch_center])
 
     @torch.no_grad()
-    def update_patch_center(self, teacher_logits: torch.Tensor, pos: torch.Tensor) -> None:
+    def update_patch_center(self, teacher_logits: torch.Tensor) -> None:
         """C_p <- m C_p + (1 - m) mean of the teacher's outputs at patch position p (DINO eq. 4's rule, per
-        position), over the global batch: per-position sums and counts all-reduced together, so every rank
-        gets the same centres. A position no pair used this step (no output) keeps its centre."""
-        flat = teacher_logits.detach().float()
-        stats = flat.new_zeros(1 + self.patch_center.shape[0], flat.shape[1] + 1)  # row 0 collects the CLS rows
-        stats.index_add_(0, pos, torch.cat([flat, flat.new_ones(flat.shape[0], 1)], dim=1))
-        stats = stats[1:]
-        dist.all_reduce_mean_(stats)
-        count = stats[:, -1:]
-        mean = stats[:, :-1] / count.clamp(min=1e-12)  # the ratio of means = the global mean
-        updated = ema_center(self.patch_center, mean, self.cfg["center_momentum"])
-        self.patch_center.copy_(torch.where(count > 0, updated, self.patch_center))
+        position). teacher_logits: (views, B, T, K), every teacher token. The mean is over every global view and
+        sample of the global batch, matched or not, as the authors' code centres (its DINOLoss.update_center
+        averages the teacher's whole (2B, T, K) output over its first axis; §3.5: "C is the average of samples
+        inside the batch"). A plain mean over fixed axes: deterministic on CUDA (no atomic `index_add_`), and
+        the ranks hold equal batches, so the mean of their means is the global mean."""
+        mean = teacher_logits[:, :, 1:].detach().float().mean(dim=(0, 1))
+        dist.all_reduce_mean_(mean)
+        self.patch_center.copy_(ema_center(self.patch_center, mean, self.cfg["center_momentum"]))
 
     # --- the step ---------------------------------------------------------------------------------
     def forward(self, batch):
@@ -143,49 +169,82 @@ class PWSelf(DINO):
     def patch_wise_forward(self, batch):
         c = self.cfg
         views = batch.views
-        grids = [v.shape[-1] // self.patch_size for v in views]
-        pairs = self.token_pairs(batch.geometry, grids)
+        plan = self.plan(batch.geometry, [v.shape[-1] // self.patch_size for v in views])
+        dev = views[0].device
+        idx = plan.to(dev)
         student = self.student_tokens(views)
         with torch.no_grad():
-            teacher = self.teacher_tokens(views[:self.N_GLOBAL])
-            t_logits, t_rows, t_pos = self.project_used(self.teacher_head, teacher,
-                                                        [(i, ti) for i, _, ti, _, _ in pairs])
-            p_t = teacher_probs(t_logits, self.token_centers(t_pos), self.teacher_temp())
-        s_logits, s_rows, _ = self.project_used(self.head, student, [(j, si) for _, j, _, si, _ in pairs])
+            teacher = torch.stack(self.teacher_tokens(views[:self.N_GLOBAL]))            # (views, B, T, D)
+            t_logits = self.teacher_head(teacher.flatten(0, 2)).view(*teacher.shape[:3], -1)
+            p_t = teacher_probs(t_logits, self.token_centers(), self.teacher_temp())     # (views, B, T, K)
+        flat = torch.cat([t.reshape(-1, t.shape[-1]) for t in student])
+        s_logits = self.head(flat.index_select(0, idx.student_tokens))
         with torch.no_grad():
-            target, cls_w, n_matched = self.pair_targets(pairs, t_rows, s_rows, p_t, s_logits.shape[0])
+            target = pair_targets(p_t.flatten(0, 2), idx.target_rows, idx.target_weights)
         # H is linear in the teacher distribution: sum_r w_r H(P_t[a_r], P_s[b_r]) = sum_b H(Q_b, P_s[b]) with
         # Q_b = sum_{r: b_r = b} w_r P_t[a_r], so one log-softmax per student token serves every pair it is in
         loss = soft_cross_entropy(target, s_logits, c["student_temp"]).sum()
 
         with torch.no_grad():  # diagnostics from the CLS rows only (cheap): DINO's loss on these outputs
-            h_cls = torch.stack([soft_cross_entropy(p_t[t_rows[i][:, 0]], s_logits[s_rows[j][:, 0]], c["student_temp"])
-                                 for i, j, *_ in pairs])
+            h_cls = torch.stack([soft_cross_entropy(p_t[i, :, 0], s_logits.index_select(0, rows), c["student_temp"])
+                                 for (i, _), rows in zip(plan.pair_views, idx.student_cls)])
         # the centres after their use in the loss: CLS from the CLS outputs only (DINO eq. 4), patches per position
-        self.update_center(self.center, t_logits[torch.cat([r[:, 0] for r in t_rows])])
-        self.update_patch_center(t_logits, t_pos)
+        self.update_center(self.center, t_logits[:, :, 0])
+        self.update_patch_center(t_logits)
         # logged: the CLS term (eq. 7), the patch terms' share of the loss, matched patches per (sample, view pair),
         # and the collapse diagnostics of the teacher's CLS and patch targets
-        return {"loss": loss, "dino": h_cls.mean(), "patch": loss.detach() - (h_cls * cls_w).mean(),
-                "matched": n_matched / h_cls.numel(), **collapse_diagnostics(p_t, "cls", t_pos == 0),
-                **collapse_diagnostics(p_t, "patch", t_pos > 0)}
+        return {"loss": loss, "dino": h_cls.mean(), "patch": loss.detach() - (h_cls * idx.cls_weights).mean(),
+                "matched": idx.matched / h_cls.numel(), **collapse_diagnostics(p_t[:, :, 0].flatten(0, 1), "cls"),
+                **collapse_diagnostics(p_t[:, :, 1:].flatten(0, 2), "patch")}
 
-    def pair_targets(self, pairs, t_rows, s_rows, p_t: torch.Tensor, n_student: int):
-        """The weighted teacher target of every used student token, (R_s, K): sum over the matched (teacher
-        token, student token) pairs of w * P_t, w from eqs. 8-10 / (batch x view pairs); one sparse
-        (R_s x R_t) @ (R_t x K) product over the matched pairs only (padding dropped). Also returns the CLS
-        weights (view pairs, B) and the number of matched patch pairs."""
-        c = self.cfg
-        scale = 1.0 / (len(pairs) * pairs[0][4].shape[0])
-        rows_s, rows_t, weights, cls_ws = [], [], [], []
-        for i, j, ti, si, valid in pairs:
-            cls_w, patch_w = patch_wise_weights(valid, c["loss"], c["lambd"])
-            keep = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
-            rows_t.append(t_rows[i].gather(1, ti)[keep])
-            rows_s.append(s_rows[j].gather(1, si)[keep])
-            weights.append(torch.cat([cls_w[:, None], patch_w], dim=1)[keep] * scale)
-            cls_ws.append(cls_w)
-        index = torch.stack([torch.cat(rows_s), torch.cat(rows_t)])
-        w = torch.sparse_coo_tensor(index, torch.cat(weights).to(p_t.dtype), (n_student, p_t.shape[0]),
-                                    check_invariants=False)  # in range by construction
-        return torch.sparse.mm(w, p_t), torch.stack(cls_ws), sum(v.sum() for *_, v in pairs).float()
+
+@dataclass
+class StepPlan:
+    """The index tensors of one PW-Self step (PWSelf.plan): the rows of the concatenated student tokens that
+    go through the head (R_s,), per head row the teacher rows (R_s, W) and weights (R_s, W) its target mixes,
+    the (teacher view, student view) of each pair and the head rows of its student CLS tokens (pairs, B), the
+    CLS weights (pairs, B) and the number of matched patch pairs ()."""
+    student_tokens: torch.Tensor
+    target_rows: torch.Tensor
+    target_weights: torch.Tensor
+    pair_views: list[tuple[int, int]]
+    student_cls: torch.Tensor
+    cls_weights: torch.Tensor
+    matched: torch.Tensor
+
+    def to(self, device) -> "StepPlan":
+        """On `device`, copied without making the host wait (pinned, non-blocking)."""
+        moved = {f: to_device(getattr(self, f), device) for f in
+                 ("student_tokens", "target_rows", "target_weights", "student_cls", "cls_weights", "matched")}
+        return replace(self, **moved)
+
+
+def _fold_by_row(rows_s: torch.Tensor, rows_t: torch.Tensor, weights: torch.Tensor, n_student: int):
+    """The (student row, teacher row, weight) triples as a dense (n_student, W) table per student row, W the
+    most triples any row has (one per view pair it is in: a match is one-to-one within a pair); unused slots
+    have weight 0 (and teacher row 0). Stable in the triples' order, so each row sums in pair order."""
+    order = torch.sort(rows_s, stable=True).indices
+    rows_s, rows_t, weights = rows_s[order], rows_t[order], weights[order]
+    count = torch.bincount(rows_s, minlength=n_student)
+    first = torch.cumsum(count, 0) - count
+    slot = torch.arange(len(rows_s)) - first[rows_s]
+    width = max(int(count.max()), 1) if n_student else 1
+    src = torch.zeros(n_student, width, dtype=torch.long)
+    w = torch.zeros(n_student, width, dtype=weights.dtype)
+    src[rows_s, slot] = rows_t
+    w[rows_s, slot] = weights
+    return src, w
+
+
+def pair_targets(p_t: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted teacher target of every student head row, (R_s, K): Q_b = sum_k w[b, k] P_t[rows[b, k]]
+    (eqs. 8-10's weights / (batch x view pairs)). In float32 with autocast off (issue 23, defect 2: the sparse
+    product this replaces went through addmm, which autocast ran in half precision, flushing most target
+    entries to 0 under fp16), and as gathers + a fixed-order sum: no sparse coalescing (a host sync on CUDA)
+    and no atomic adds (issue 23, defect 10), so the target is the same bits on every run."""
+    with torch.autocast(p_t.device.type, enabled=False):
+        p_t = p_t.float()
+        out = weights[:, :1] * p_t.index_select(0, rows[:, 0])
+        for k in range(1, rows.shape[1]):
+            out = out + weights[:, k:k + 1] * p_t.index_select(0, rows[:, k])
+        return out

@@ -8,10 +8,14 @@ query encoder's. Here:
 - the key batch is put in a random order and split into `groups` sub-batches, each normalised with its own BN
   statistics, and the keys are put back in the original order. One process with groups = 8 is the
   single-process equivalent of MoCo's 8 GPUs, each normalising its share of a shuffled batch;
-- under DDP the batch is first gathered from every rank and shuffled across ranks (MoCo's
-  `_batch_shuffle_ddp`): each rank encodes a random slice of the global batch (in its own groups), the keys
-  are gathered back and unshuffled, and each rank keeps its own rows. A group's statistics stay on its rank
-  (SyncBN included), as MoCo's per-GPU BN.
+- `groups` counts the BN groups of the GLOBAL key batch (issue 23, defect 7): under DDP each rank normalises
+  groups / world size of them (at least 1), so `shuffle_bn_groups: 8` gives MoCo's 8 groups of 32 keys whether
+  it runs as one process or as 8 ranks of 32 (per rank it gave 8 x 8 groups of 4). The batch is first gathered
+  from every rank and shuffled across ranks (MoCo's `_batch_shuffle_ddp`): each rank encodes a random slice of
+  the global batch (in its own groups), the keys are gathered back and unshuffled, and each rank keeps its own
+  rows. A group's statistics stay on its rank, as MoCo's per-GPU BN ("we perform BN on the samples
+  independently for each GPU", MoCo §3.3): the MoCo family is never SyncBN-converted (`SYNC_BN = False` on
+  MoCoV2 and LeOCLR, read by the trainer).
 
 The groups are one forward pass, not `groups` passes: the shuffled rows are laid out interleaved (row i * G + g
 belongs to group g), so a (B, C, ...) activation viewed as (B / G, G * C, ...) holds each group's channels as
@@ -22,7 +26,8 @@ groups' update.
 
 The permutation comes from a generator seeded by the caller's step (the same on every rank, so it needs no
 broadcast, and a resumed run draws the same permutations); the global RNG is untouched, so switching Shuffle-BN
-off gives back the plain key encoder bit for bit.
+off gives back the plain key encoder bit for bit. It is drawn on the host (the same bits on any device and rank)
+and copied to the device from pinned memory without blocking (issue 23, defect 6).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data.transfer import to_device
 from pipeline.schema import Bool, Int, Validator
 from pipeline import dist
 
@@ -40,7 +46,7 @@ SEED = 20_200_313  # base of the permutation seeds (any constant: only its samen
 
 
 def shuffle_bn_params() -> dict[str, Validator]:
-    """`shuffle_bn` (on in MoCo and what builds on it), `shuffle_bn_groups`: BN sub-batches per rank's key batch."""
+    """`shuffle_bn` (on in MoCo and what builds on it), `shuffle_bn_groups`: BN sub-batches of the global key batch."""
     return {"shuffle_bn": Bool(), "shuffle_bn_groups": Int(1)}
 
 
@@ -48,7 +54,19 @@ SHUFFLE_BN_DEFAULTS = {"shuffle_bn": True, "shuffle_bn_groups": 8}  # MoCo's 8 G
 
 
 def permutation(n: int, seed: int, device) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(SEED + seed)).to(device)
+    return to_device(torch.randperm(n, generator=torch.Generator().manual_seed(SEED + seed)), device)
+
+
+def groups_per_rank(groups: int, world: int) -> int:
+    """The BN groups one rank's key batch is split into when `groups` is the global count."""
+    return max(1, groups // world)
+
+
+def sync_bn_applies(method: nn.Module, train_cfg: dict, device: torch.device) -> bool:
+    """Whether the trainer turns `method`'s BatchNorms into SyncBatchNorm: `train.sync_bn` under DDP on CUDA
+    (SyncBatchNorm has no CPU kernel: gloo runs keep per-rank BN), unless the method keeps BN per GPU
+    (`SYNC_BN = False`: the MoCo family, MoCo §3.3)."""
+    return bool(train_cfg["sync_bn"]) and torch.device(device).type == "cuda" and dist.is_dist() and method.SYNC_BN
 
 
 def bn_groups(n: int, groups: int) -> int:
@@ -120,5 +138,6 @@ def shuffled_encode(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     b, r = x.shape[0], dist.rank()
     everyone = dist.gather_no_grad(x)                  # (W * B, ...), rank order: equal batches per rank
     perm = permutation(everyone.shape[0], seed, x.device)
-    keys = dist.gather_no_grad(encode_in_groups(encode, everyone[perm[r * b:(r + 1) * b]], groups, modules))
+    local_groups = groups_per_rank(groups, dist.world_size())
+    keys = dist.gather_no_grad(encode_in_groups(encode, everyone[perm[r * b:(r + 1) * b]], local_groups, modules))
     return torch.empty_like(keys).index_copy_(0, perm, keys)[r * b:(r + 1) * b]

@@ -146,7 +146,9 @@ def _wrap_for_device(method: nn.Module, train_cfg: dict, device: torch.device) -
     if not dist.is_dist():
         return method, method
     model = method
-    if train_cfg["sync_bn"] and cuda:  # SyncBatchNorm has no CPU kernel: gloo runs keep per-rank BN
+    from pipeline.methods.shuffle_bn import sync_bn_applies
+
+    if sync_bn_applies(method, train_cfg, device):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # buffers (queues, BN statistics of momentum encoders) are kept identical by the methods themselves
     model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
