@@ -22,7 +22,7 @@ from pipeline import paths
 from pipeline.params import DataError
 from pipeline.report import stats
 from pipeline.report.budget import setup_facts
-from pipeline.report.claims import (CONFOUNDED, Comparison, claim_results, comparisons, control_about,
+from pipeline.report.claims import (CONFOUNDED, Comparison, claim_results, comparisons,
                                     exploratory_count, primary_keys, summary_protocols)
 from pipeline.report.figures import (_label_points, accuracy_figure, convergence_figure, cost_figure,  # noqa: F401
                                      forest_figure, loss_figure, loss_terms, similarity_figure)
@@ -77,14 +77,17 @@ GLOSSARY = [
 OUTCOME_RULE = ("Outcome rule: a claim's primary measure is the protocol the paper reports it in. A claim is reproduced "
                 "when every pair of our runs that tests it is better on the primary measure (95 % interval above 0), "
                 "contradicted when at least one is worse and none better, and inconclusive at this budget otherwise. ")
-STEP_RULE = ("Two methods take a larger optimisation step than their base for a reason apart from their idea: LeOCLR "
-             "sums two loss terms where MoCo-v2 has one (about twice the gradient under the same learning rate), and "
-             "pNNCLR's shortcut passes the full gradient through its pseudo-neighbour where its own equation passes a "
-             "quarter of it. A gain could then come from the larger step rather than the idea, so each has a "
-             "step-size control: the same method taking its base's step, compared with the same base. The verdict "
-             "rests on the pair as published; the control only checks it. When the control's verdict on the primary "
-             f"measure differs from the pair's, a claim that would be reproduced or contradicted is \"{CONFOUNDED}\" "
-             "instead; a control not yet trained changes nothing.")
+# why a paper method's step differs from its base's, per paper method (issue 26): said only for the controls present
+STEP_REASONS = {
+    "leoclr": "LeOCLR sums two loss terms where MoCo-v2 has one, about twice the gradient at the same learning rate",
+    "pnnclr": ("pNNCLR's shortcut passes the whole gradient through its pseudo-neighbour where its own equation passes "
+               "only its mixing weight's share of it"),
+}
+STEP_RULE = ("A gain could then come from the larger step rather than the idea, so each has a control: the same "
+             "method taking its base's step, compared with the same base. The verdict rests on the pair as "
+             "published; the control only checks it. When the control's verdict on the primary measure differs from "
+             f"the pair's, a claim that would be reproduced or contradicted is \"{CONFOUNDED}\" instead; a control not "
+             "yet trained changes nothing. ")
 
 
 def build_report(root: str | Path, runs: dict[str, dict], dataset: str, title: str,
@@ -172,12 +175,14 @@ def _untrained_line(untrained: dict, controls: dict[str, str], beside: dict[str,
 
 
 def _rule(controls: dict[str, str], runs: dict[str, dict], n: int, hits: int) -> str:
+    """The outcome rule as the summary states it; the step-size part only when there are controls."""
     rule = OUTCOME_RULE
     if controls:
-        about = "; ".join(f"{ctl} is {paper} with {control_about(runs.get(ctl) or {}, runs.get(paper) or {})}"
-                          for ctl, paper in controls.items())
-        rule += STEP_RULE + f" Here: {about}. Other protocols are exploratory (unadjusted intervals, no " \
-                            "multiple-comparison correction): "
+        methods = dict.fromkeys((runs.get(paper) or {}).get("method") for paper in controls.values())
+        reasons = [STEP_REASONS[m] for m in methods if m in STEP_REASONS]
+        rule += "Step-size controls: " + ("; ".join(reasons) + ". " if reasons else "")
+        rule += STEP_RULE
+        rule += "Other protocols are exploratory (unadjusted intervals, no multiple-comparison correction): "
     else:
         rule += "All other protocols are exploratory (unadjusted intervals, no multiple-comparison correction): "
     return rule + (f"{n} exploratory intervals here, of which {hits} exclude 0 "

@@ -117,6 +117,7 @@ class ControlTest:
     about: str                         # what the control changes, in words
     diff: stats.Difference | None      # control minus base on the primary measure; None when not trained
     untrained: str = ""                # "not yet trained" (with its seeds done) when it has no metrics yet
+    metrics: RunMetrics | None = None  # the control run's metrics when trained
 
     @property
     def label(self) -> str:
@@ -182,7 +183,7 @@ def control_tests(comps: list[Comparison], controls: dict[str, str], bases: dict
         about = control_about(runs.get(ctl) or {}, runs.get(comp.run.run) or {})
         if ctl in bases and bases[ctl] is comp.base:
             cm = next(m for m in res.metrics if m.run == ctl)
-            out.append(ControlTest(ctl, comp.base.run, about, res.difference(cm, comp.base, key)))
+            out.append(ControlTest(ctl, comp.base.run, about, res.difference(cm, comp.base, key), metrics=cm))
         else:
             u = untrained.get(ctl)
             out.append(ControlTest(ctl, comp.base.run, about, None,

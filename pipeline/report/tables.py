@@ -374,9 +374,7 @@ def summary_claims_table(results: list[ClaimResult], papers: dict[str, dict], re
                          labels: dict[str, str], untrained: dict | None = None) -> Table:
     """One line per paper claim: what it says, our primary difference(s) and the outcome."""
     with_controls = any(ct is not None for r in results for ct in r.controls)
-    cols = ["paper's claim", "our test", "primary difference [95 %]"]
-    cols += [CONTROL_SHORT] if with_controls else []
-    cols += ["outcome"]
+    cols = ["paper's claim", "our test", "primary difference [95 %]", "outcome"]
     rows = []
     for r in results:
         c = r.claim
@@ -384,10 +382,8 @@ def summary_claims_table(results: list[ClaimResult], papers: dict[str, dict], re
         what = c.get("short") or c["quote"]
         tests = "; ".join(f"{comp.label}, {labels.get(r.key, r.key)}" for comp, _ in r.tests) or _not_run(r, untrained)
         diffs = "; ".join(_interval(d) if d is not None else DASH for _, d in r.tests) or DASH
-        row = [f"{name}: {what}", tests, diffs]
-        if with_controls:
-            row.append("; ".join(_control_cell(ct) for ct in r.controls if ct is not None) or DASH)
-        rows.append(row + [r.outcome])
+        diffs += "".join(f"; step-size control {ct.run}: {_control_cell(ct)}" for ct in r.controls if ct is not None)
+        rows.append([f"{name}: {what}", tests, diffs, r.outcome])
     caption = "Outcome by the rule below, on the claim's primary measure (the protocol the paper reports the claim in)."
     if with_controls:
         caption += (" The outcome rests on the as-published pair; the step-size control (the same method taking its "
@@ -396,17 +392,23 @@ def summary_claims_table(results: list[ClaimResult], papers: dict[str, dict], re
                  key_columns=("outcome",), anchor="summary-claims")
 
 
-CONTROL_SHORT = "step-size control [95 %]"
-CONTROL_COLUMN = "step-size control (control − base)"
+CONTROL_MARK = " (step-size control)"   # after the pair of a control's row in the claims table
 
 
-def _control_cell(ct, with_pair: bool = False) -> str:
+def _control_cell(ct) -> str:
     """A step-size control's primary difference and verdict, or that it is not trained yet."""
+    return ct.untrained or DASH if ct.diff is None else f"{_interval(ct.diff)} {SHORT_VERDICT[ct.diff.verdict]}"
+
+
+def _control_row(name: str, ct, key_label: str, base: RunMetrics) -> list[str]:
+    """The claims table's row of a step-size control, right under the pair it checks."""
+    m = ct.metrics
     if ct.diff is None:
-        text = ct.untrained or DASH
+        cell, verdict = DASH, ct.untrained or DASH
     else:
-        text = f"{_interval(ct.diff)} {SHORT_VERDICT[ct.diff.verdict]}"
-    return f"{ct.label}: {text}" if with_pair else text
+        cell, verdict = _interval(ct.diff), f"{SHORT_VERDICT[ct.diff.verdict]} (control)"
+    seeds = DASH if m is None else f"{len(m.seeds)} + {len(base.seeds)} seeds, {_epochs_pair(m, base)} epochs"
+    return [name, ct.label + CONTROL_MARK, cell, verdict, key_label, seeds]
 
 
 def _not_run(r: ClaimResult, untrained: dict | None) -> str:
@@ -422,17 +424,14 @@ def claims_table(results: list[ClaimResult], papers: dict[str, dict], res: Resul
     """Each claim against each of our pairs that tests it: the difference and verdict right after the pair; the
     quote and the paper's setting folded below the table."""
     with_controls = any(ct is not None for r in results for ct in r.controls)
-    cols = ["paper", "our run vs base", "difference [95 % interval]", "verdict"]
-    cols += [CONTROL_COLUMN] if with_controls else []
-    cols += ["measure", "seeds / epochs"]
+    cols = ["paper", "our run vs base", "difference [95 % interval]", "verdict", "measure", "seeds / epochs"]
     rows, notes = [], []
     for r in results:
         c = r.claim
         name = paper_name(c["source"], papers)
         notes.append((f"{name}, {where(c['source'])}", f"“{c['quote']}” Setting: {c['setting']}."))
         if not r.tests:
-            rows.append([name, _not_run(r, untrained), DASH, NOT_TESTED] + ([DASH] if with_controls else [])
-                        + [labels.get(r.key, r.key), DASH])
+            rows.append([name, _not_run(r, untrained), DASH, NOT_TESTED, labels.get(r.key, r.key), DASH])
         for i, (comp, d) in enumerate(r.tests):
             m, base = comp.run, comp.base
             if d is None:
@@ -445,21 +444,21 @@ def claims_table(results: list[ClaimResult], papers: dict[str, dict], res: Resul
                 acc = num((mine.get("semantic") or {}).get("pair_accuracy"))
                 if acc is not None:
                     verdict += f"; mined pairs {100 * acc:.1f} % same-label (paper: 92.03 %)"
-            ct = r.controls[i] if i < len(r.controls) else None
-            ctl = [(_control_cell(ct, with_pair=True) if ct is not None else DASH)] if with_controls else []
-            rows.append([name, comp.label, cell, verdict, *ctl, labels.get(r.key, r.key) + flag(m, r.key),
+            rows.append([name, comp.label, cell, verdict, labels.get(r.key, r.key) + flag(m, r.key),
                          f"{len(m.seeds)} + {len(base.seeds)} seeds, {_epochs_pair(m, base)} epochs"])
+            ct = r.controls[i] if i < len(r.controls) else None
+            if ct is not None:
+                rows.append(_control_row(name, ct, labels.get(r.key, r.key), base))
     caption = ("Each paper's headline claim against our pair of runs at this budget (a verdict says what this budget "
                "can detect, not whether the paper is right). " + DIFF_NOTE)
     keys = ("difference [95 % interval]", "verdict")
     if with_controls:
-        caption += (" The verdict is the as-published pair's. The step-size control is the same method taking its "
-                    "base's step, against the same base: "
+        caption += (" A step-size control's row (the same method taking its base's step, against the same base) "
+                    "follows the pair it checks; the verdict is the as-published pair's. Controls: "
                     + "; ".join(dict.fromkeys(f"{ct.run}, {r.tests[i][0].run.run} with {ct.about}"
                                               for r in results for i, ct in enumerate(r.controls) if ct is not None))
-                    + ". When its verdict differs from the as-published pair's, the outcome is inconclusive (see the rule "
+                    + ". When a control's verdict differs from its pair's, the outcome is inconclusive (see the rule "
                     "under the summary).")
-        keys += (CONTROL_COLUMN,)
     return Table("Claims against our runs, pair by pair", cols, rows, caption,
                  key_columns=keys, notes=notes, anchor="claims")
 
