@@ -212,3 +212,10 @@ def test_sampler_whose_pairs_are_not_mined_yet_says_so(tmp_path):
     (tmp_path / "reports/metrics/mine.json").write_text(json.dumps({**MINE, "encoder_run": "mocov2"}))
     s = rows(table(build(tmp_path, n_boot=20), "SePP-ID's sampler"))[0]
     assert s["mined pairs same-label"] == "not mined with it yet (current pairs: mocov2's encoder, 71.2%)"
+
+
+def test_a_control_of_a_run_without_a_base_names_the_key(tmp_path):
+    write_except(tmp_path, {"pnnclr-st-alpha"}, {**ACC, "leoclr-mean": 58.0})
+    with pytest.raises(DataError, match=r"^report\.controls\.leoclr-mean: .*got 'simclr'$"):
+        rb.build_report(tmp_path, RUNS, "cifar10", "T", pair_runs=PAIR_RUNS, beside=BESIDE, seeds=SEEDS, n_boot=20,
+                        controls={"leoclr-mean": "simclr"})

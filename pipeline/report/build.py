@@ -159,7 +159,7 @@ def _untrained_line(untrained: dict, controls: dict[str, str], beside: dict[str,
 
     def role(run: str) -> str:
         if run in controls:
-            return f"step-size control of {controls[run]}"
+            return f"the step-size control of {controls[run]}"
         if run == sampler:
             return "SePP-ID's sampler"
         if run in beside:
@@ -169,7 +169,7 @@ def _untrained_line(untrained: dict, controls: dict[str, str], beside: dict[str,
             return f"base of {', '.join(bases_of)}"
         return "SePP-ID pair run" if run in pair_runs else ""
 
-    named = [u.label + (f": {r}" if (r := role(u.run)) else "") for u in untrained.values()]
+    named = [u.label + (f", {r}" if (r := role(u.run)) else "") for u in untrained.values()]
     return Text("Not yet trained (no metrics yet; shown once every seed is trained, no number of theirs appears "
                 "before): " + "; ".join(named) + ".")
 
