@@ -19,20 +19,21 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401  (tests draw with it)
 
 from pipeline import paths
+from pipeline.params import DataError
 from pipeline.report import stats
 from pipeline.report.budget import setup_facts
-from pipeline.report.claims import (Comparison, claim_results, comparisons, exploratory_count,
-                                    primary_keys, summary_protocols)
+from pipeline.report.claims import (CONFOUNDED, Comparison, claim_results, comparisons,
+                                    exploratory_count, primary_keys, summary_protocols)
 from pipeline.report.figures import (_label_points, accuracy_figure, convergence_figure, cost_figure,  # noqa: F401
                                      forest_figure, loss_figure, loss_terms, similarity_figure)
 from pipeline.report.load import (REF_REQUIRED, REFERENCES, SEED_PAPERS, SEPPID_METHOD, RunMetrics,  # noqa: F401
-                                  base_run, base_runs, load_claims, load_mine, load_papers, load_references, load_run,
-                                  load_runs)
+                                  base_run, base_runs, load_claims, load_group, load_mine, load_papers,
+                                  load_references, load_run, load_runs, untrained_runs)
 from pipeline.report.page import Facts, FigureRef, Folded, Section, Text, render
 from pipeline.report.results import Results, protocols
 from pipeline.report.tables import (Table, claims_table, comparison_table, convergence_flags_table,  # noqa: F401
                                     convergence_table, cost_table, knn_table, probe_table, reference_table,
-                                    select_references, seppid_tables, summary_claims_table, summary_methods_table)
+                                    sampler_table, select_references, seppid_tables, summary_claims_table, summary_methods_table)
 from pipeline.utils import atomic_write_bytes, atomic_write_text
 
 # the entry points, and the pieces older callers and tests import from here
@@ -75,30 +76,58 @@ GLOSSARY = [
 
 OUTCOME_RULE = ("Outcome rule: a claim's primary measure is the protocol the paper reports it in. A claim is reproduced "
                 "when every pair of our runs that tests it is better on the primary measure (95 % interval above 0), "
-                "contradicted when at least one is worse and none better, and inconclusive at this budget otherwise. All "
-                "other protocols are exploratory (unadjusted intervals, no multiple-comparison correction): ")
+                "contradicted when at least one is worse and none better, and inconclusive at this budget otherwise. ")
+# why a paper method's step differs from its base's, per paper method (issue 26): said only for the controls present
+STEP_REASONS = {
+    "leoclr": "LeOCLR sums two loss terms where MoCo-v2 has one, about twice the gradient at the same learning rate",
+    "pnnclr": ("pNNCLR's shortcut passes the whole gradient through its pseudo-neighbour where its own equation passes "
+               "only its mixing weight's share of it"),
+}
+STEP_RULE = ("A gain could then come from the larger step rather than the idea, so each has a control: the same "
+             "method taking its base's step, compared with the same base. The verdict rests on the pair as "
+             "published; the control only checks it. When the control's verdict on the primary measure differs from "
+             f"the pair's, a claim that would be reproduced or contradicted is \"{CONFOUNDED}\" instead; a control not "
+             "yet trained changes nothing. ")
 
 
 def build_report(root: str | Path, runs: dict[str, dict], dataset: str, title: str,
                  references: str | Path = REFERENCES, pair_runs: dict[str, dict] | None = None,
                  beside: dict[str, str] | None = None, seeds: dict[str, list[int]] | None = None,
-                 default_seed: int = 0, n_boot: int = stats.N_BOOT, image_size: int | None = None) -> Report:
+                 default_seed: int = 0, n_boot: int = stats.N_BOOT, image_size: int | None = None,
+                 controls: dict[str, str] | None = None, sampler: str | None = None) -> Report:
     """Read every run's metrics (every training seed: `seeds`, {run: [seed, ...]}) under `root` and the reference
     YAML; return the report (nothing written). With `pair_runs` (SePP-ID), the mine stage's metrics too; `beside`
-    ({run: base run}) adds the comparison of each paper's method with its base and the papers' claims.
+    ({run: base run}) adds the comparison of each paper's method with its base and the papers' claims; `controls`
+    ({control run: paper run}) a step-size control of a `beside` pair, compared with the paper run's base.
+    `sampler`: the run whose encoder mines SePP-ID's pairs; unless it is itself compared, it is shown as the
+    sampler and kept out of the compared tables. A run with no metrics files yet is listed as not yet trained.
     `image_size`: the pretraining image size, for the setup box."""
-    metrics = load_runs(root, runs, pair_runs, beside, seeds, default_seed)
+    controls, beside, pair_runs = dict(controls or {}), dict(beside or {}), dict(pair_runs or {})
+    for ctl, paper in controls.items():
+        if paper not in beside or ctl not in runs:
+            raise DataError(f"report.controls.{ctl}: expected a run controlling a paper run of report.beside, "
+                            f"got {paper!r}" + ("" if ctl in runs else f" ({ctl!r} is not a run)"))
+    beside.update({ctl: beside[paper] for ctl, paper in controls.items()})
+    compared = set(beside) | set(beside.values())
+    sampler = sampler if sampler in runs and sampler not in compared else None
+    untrained = untrained_runs(root, {**runs, **pair_runs}, seeds, default_seed)
+    ready = {n: s for n, s in runs.items() if n not in untrained and n != sampler}
+    metrics = load_runs(root, ready, {n: s for n, s in pair_runs.items() if n not in untrained}, beside, seeds,
+                        default_seed)
+    sampler_run = (load_group(root, sampler, runs[sampler], (seeds or {}).get(sampler, [default_seed]), default_seed)
+                   if sampler and sampler not in untrained else None)
     mine = load_mine(root) if pair_runs else None
     refs = load_references(references)
     papers = load_papers(references)
-    res = Results(metrics, n_boot)
-    bases = base_runs(metrics, beside or {})
-    comps = comparisons(metrics, bases)
+    res = Results(metrics + ([sampler_run] if sampler_run else []), n_boot)
+    bases = base_runs(metrics, beside)
+    comps = comparisons(metrics, bases, controls)
     claims = load_claims(references) if bases else []
-    primary = primary_keys(claims, metrics, bases)
-    results = claim_results(claims, metrics, bases, res)
+    primary = primary_keys(claims, metrics, bases, controls)
+    results = claim_results(claims, metrics, bases, res, controls, untrained, runs)
     labels = {p.key: p.label for p in protocols(metrics)}
     methods = [m.method for m in metrics] + ([SEPPID_METHOD] if pair_runs else [])
+    waiting = _untrained_line(untrained, controls, beside, sampler, pair_runs)
 
     figures: dict[str, bytes] = {}
     for name, png in (("forest.png", forest_figure(comps, res, primary, metrics)),
@@ -109,7 +138,7 @@ def build_report(root: str | Path, runs: dict[str, dict], dataset: str, title: s
             figures[name] = png
 
     sections = _sections(metrics, res, comps, results, primary, papers, labels, mine, refs, methods, dataset,
-                         image_size)
+                         image_size, untrained, waiting, controls, sampler, sampler_run, runs)
     lead = (f"Self-supervised methods pretrained on {dataset} at a small budget (see the setup box) and evaluated on "
             "frozen features; each paper's method is compared, image by image, with the method it builds on. "
             "Accuracies are top-1 in percent on the test split.")
@@ -122,21 +151,59 @@ def _similarity(mine: dict | None) -> bytes | None:
     return similarity_figure(mine) if mine else None
 
 
+def _untrained_line(untrained: dict, controls: dict[str, str], beside: dict[str, str], sampler: str | None,
+                    pair_runs: dict[str, dict]) -> Text | None:
+    """One line naming every run of the run list that has no metrics yet, with its role in the report."""
+    if not untrained:
+        return None
+
+    def role(run: str) -> str:
+        if run in controls:
+            return f"the step-size control of {controls[run]}"
+        if run == sampler:
+            return "SePP-ID's sampler"
+        if run in beside:
+            return f"compared with {beside[run]}"
+        bases_of = [r for r, b in beside.items() if b == run]
+        if bases_of:
+            return f"base of {', '.join(bases_of)}"
+        return "SePP-ID pair run" if run in pair_runs else ""
+
+    named = [u.label + (f", {r}" if (r := role(u.run)) else "") for u in untrained.values()]
+    return Text("Not yet trained (no metrics yet; shown once every seed is trained, no number of theirs appears "
+                "before): " + "; ".join(named) + ".")
+
+
+def _rule(controls: dict[str, str], runs: dict[str, dict], n: int, hits: int) -> str:
+    """The outcome rule as the summary states it; the step-size part only when there are controls."""
+    rule = OUTCOME_RULE
+    if controls:
+        methods = dict.fromkeys((runs.get(paper) or {}).get("method") for paper in controls.values())
+        reasons = [STEP_REASONS[m] for m in methods if m in STEP_REASONS]
+        rule += "Step-size controls: " + ("; ".join(reasons) + ". " if reasons else "")
+        rule += STEP_RULE
+        rule += "Other protocols are exploratory (unadjusted intervals, no multiple-comparison correction): "
+    else:
+        rule += "All other protocols are exploratory (unadjusted intervals, no multiple-comparison correction): "
+    return rule + (f"{n} exploratory intervals here, of which {hits} exclude 0 "
+                   f"(about {n / 20:.0f} expected by chance alone)." if n else "none here.")
+
+
 def _sections(metrics, res, comps: list[Comparison], results, primary, papers, labels, mine, refs, methods, dataset,
-              image_size) -> list[Section]:
+              image_size, untrained=None, waiting=None, controls=None, sampler=None, sampler_run=None,
+              runs=None) -> list[Section]:
     out = []
     if comps:
         n, hits = exploratory_count(comps, summary_protocols(metrics), primary, res)
-        rule = OUTCOME_RULE + (f"{n} exploratory intervals here, of which {hits} exclude 0 "
-                               f"(about {n / 20:.0f} expected by chance alone)." if n else "none here.")
-        items = ([summary_claims_table(results, papers, res, labels)] if results else [])
-        items += [summary_methods_table(comps, res, primary, metrics), Text(rule)]
+        items = ([summary_claims_table(results, papers, res, labels, untrained)] if results else [])
+        items += [summary_methods_table(comps, res, primary, metrics), Text(_rule(controls or {}, runs or {}, n, hits))]
+        items += [waiting] if waiting else []
         out.append(Section("Summary", items, "summary"))
-    facts = setup_facts(metrics, res, refs, dataset, image_size)
+    facts = setup_facts(metrics + ([sampler_run] if sampler_run else []), res, refs, dataset, image_size)
     if facts:
         out.append(Section("Setup and budget", [Facts(facts), Folded("Glossary", GLOSSARY)], "setup"))
     if results:
-        out.append(Section("Papers' claims", [claims_table(results, papers, res, labels, mine)], "claims"))
+        out.append(Section("Papers' claims", [claims_table(results, papers, res, labels, mine, untrained)], "claims"))
     side = comparison_table(comps, res, primary, metrics)
     if side:
         out.append(Section("Methods against their base", [
@@ -147,9 +214,11 @@ def _sections(metrics, res, comps: list[Comparison], results, primary, papers, l
     out.append(Section("Accuracy of every run", [
         FigureRef("accuracy.png", "Top-1 per protocol: runs sorted, dot = mean over seeds with its 95 % interval, "
                                   "hollow = one training seed, dashed = random-init floor of the backbone"),
-        knn_table(metrics, res, mine), probe_table(metrics, res)] + ([flags] if flags else []), "accuracy"))
+        knn_table(metrics, res, mine), probe_table(metrics, res)] + ([flags] if flags else [])
+        + ([waiting] if waiting and not comps else []), "accuracy"))
     if mine:
-        out.append(Section("SePP-ID: the mined pairs", [*seppid_tables(metrics, mine, res),
+        sampler_rows = [sampler_table(sampler, sampler_run, (runs or {}).get(sampler) or {}, mine, res)] if sampler else []
+        out.append(Section("SePP-ID: the mined pairs", [*sampler_rows, *seppid_tables(metrics, mine, res),
                                                         FigureRef("similarity.png", "Cosine similarity of the mined pairs")],
                            "seppid"))
     conv = convergence_table(metrics)
@@ -179,7 +248,8 @@ def write_report(report: Report, root: str | Path) -> list[Path]:
 def build(root: str | Path, runs: dict[str, dict], dataset: str, title: str,
           references: str | Path = REFERENCES, pair_runs: dict[str, dict] | None = None,
           beside: dict[str, str] | None = None, seeds: dict[str, list[int]] | None = None,
-          default_seed: int = 0, image_size: int | None = None) -> list[Path]:
+          default_seed: int = 0, image_size: int | None = None, controls: dict[str, str] | None = None,
+          sampler: str | None = None) -> list[Path]:
     """Build and write the report; returns the written paths."""
     return write_report(build_report(root, runs, dataset, title, references, pair_runs, beside, seeds, default_seed,
-                                     image_size=image_size), root)
+                                     image_size=image_size, controls=controls, sampler=sampler), root)

@@ -216,7 +216,8 @@ def forest_rows(comps: list[Comparison], res: Results, primary: dict[tuple[str, 
         for p in summary_protocols(metrics):
             d = res.difference(c.run, c.base, p.key)
             if d is not None:
-                rows.append((c.label + (" (control)" if c.kind == "control" else ""), p.label, d,
+                rows.append((c.label + (" (control)" if c.kind == "control" else " (step control)" if c.kind == "step" else ""),
+                             p.label, d,
                              primary.get((c.run.run, c.base.run)) == p.key))
     return rows
 

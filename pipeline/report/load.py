@@ -128,6 +128,39 @@ def load_group(root: str | Path, run: str, spec: dict, seeds: list[int], default
     return group[0]
 
 
+@dataclass(frozen=True)
+class Untrained:
+    """A run of params with no metrics yet (or not for every training seed): the report lists it, shows no number."""
+    run: str
+    method: str
+    seeds_done: int   # training seeds whose metrics exist
+    seeds: int        # training seeds the run has
+
+    @property
+    def label(self) -> str:
+        return self.run if not self.seeds_done else f"{self.run} ({self.seeds_done} of {self.seeds} seeds)"
+
+
+def _has_metrics(root: Path, instance: str) -> bool:
+    """Whether an instance has any of its metrics files: one with none is not trained yet; one with some is
+    loaded, so a lost file is an error naming it, not a silently missing run."""
+    return (root / paths.pretrain_metrics(instance)).exists() or (root / paths.evaluate_metrics(instance)).exists()
+
+
+def untrained_runs(root: str | Path, runs: dict[str, dict], seeds: dict[str, list[int]] | None = None,
+                   default_seed: int = 0) -> dict[str, Untrained]:
+    """{run: Untrained} for each run of `runs` with a training seed that has no metrics files at all. A run is
+    shown only once every seed is trained, so its mean and interval never mix runs of different seed counts."""
+    root, seeds = Path(root), seeds or {}
+    out = {}
+    for name, spec in runs.items():
+        ss = seeds.get(name, [default_seed])
+        done = sum(_has_metrics(root, instance_name(name, s, default_seed)) for s in ss)
+        if done < len(ss):
+            out[name] = Untrained(name, spec["method"], done, len(ss))
+    return out
+
+
 def load_runs(root: str | Path, runs: dict[str, dict], pair_runs: dict[str, dict] | None = None,
               beside: dict[str, str] | None = None, seeds: dict[str, list[int]] | None = None,
               default_seed: int = 0) -> list[RunMetrics]:

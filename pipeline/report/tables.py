@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.report import stats
-from pipeline.report.claims import (NOT_TESTED, SEPPID_METHOD, SHORT_VERDICT, ClaimResult, Comparison, paper_name,
+from pipeline.report.claims import (NOT_TESTED, NOT_YET_TRAINED, SEPPID_METHOD, SHORT_VERDICT, ClaimResult, Comparison, paper_name,
                                     summary_protocols, where)
 from pipeline.report.load import FLOOR_METHOD, RunMetrics, base_run
 from pipeline.report.results import (DASH, Results, flag, floors, fmt, k_sort, not_converged, num,
@@ -239,6 +239,26 @@ def seppid_tables(metrics: list[RunMetrics], mine: dict, res: Results) -> list[T
     return tables
 
 
+def sampler_table(sampler: str, m: RunMetrics | None, spec: dict, mine: dict | None, res: Results) -> Table:
+    """SePP-ID's sampler: the run whose encoder the mine stage searches with (SePP-ID §3.1 / §4: a MoCo-v2 pre-trained
+    on its own). Not a compared method: its accuracy is shown here only, beside the label accuracy of its pairs."""
+    cols = ["run", "role", "epochs", "seeds", "kNN-200", "linear", "mined pairs same-label"]
+    if m is None:
+        planned = ((spec.get("overrides") or {}).get("train") or {}).get("epochs")
+        cells = [f"{planned} (planned)" if planned else DASH, DASH, NOT_YET_TRAINED, NOT_YET_TRAINED]
+    else:
+        cells = [str(m.pretrain.get("epochs", DASH)), str(len(m.seeds)), fmt(res.mean(m, "knn_200")),
+                 fmt(res.mean(m, "linear"))]
+    sem = _pct(((mine or {}).get("semantic") or {}).get("pair_accuracy"))
+    enc = (mine or {}).get("encoder_run")
+    acc = sem if enc == sampler else DASH if mine is None else f"not mined with it yet (current pairs: {enc}'s encoder, {sem})"
+    return Table("SePP-ID's sampler", cols, [[sampler, "SePP-ID's sampler (not a compared method)", *cells, acc]],
+                 "The MoCo-v2 run whose encoder finds SePP-ID's semantic pairs, pre-trained on its own as the paper does "
+                 "(its sampler reaches 92.03 % same-label pairs on ImageNet, its Table 1). It is not one of the compared "
+                 "methods, so it appears in no other table; the stronger it is, the more of its pairs share a class and "
+                 "the more SePP-ID's verdict tests the paper's idea rather than wrong pairs.")
+
+
 def _verdict_cell(d: stats.Difference | None) -> str:
     return DASH if d is None else f"[{d.lo:+.2f}, {d.hi:+.2f}] {SHORT_VERDICT[d.verdict]}"
 
@@ -337,6 +357,7 @@ def summary_methods_table(comps: list[Comparison], res: Results, primary: dict[t
     rows = []
     for c in comps:
         row = [c.label + (" (semantic pairs vs Table 9 control)" if c.kind == "control" else
+                          f" (step-size control of {c.of})" if c.kind == "step" else
                           " (Table 9 control vs base)" if c.run.pairs == "random" else "")]
         for p in protos:
             d = res.difference(c.run, c.base, p.key)
@@ -350,26 +371,59 @@ def summary_methods_table(comps: list[Comparison], res: Results, primary: dict[t
 
 
 def summary_claims_table(results: list[ClaimResult], papers: dict[str, dict], res: Results,
-                         labels: dict[str, str]) -> Table:
+                         labels: dict[str, str], untrained: dict | None = None) -> Table:
     """One line per paper claim: what it says, our primary difference(s) and the outcome."""
+    with_controls = any(ct is not None for r in results for ct in r.controls)
     cols = ["paper's claim", "our test", "primary difference [95 %]", "outcome"]
     rows = []
     for r in results:
         c = r.claim
         name = paper_name(c["source"], papers)
         what = c.get("short") or c["quote"]
-        tests = "; ".join(f"{comp.label}, {labels.get(r.key, r.key)}" for comp, _ in r.tests) or "not run in this profile"
+        tests = "; ".join(f"{comp.label}, {labels.get(r.key, r.key)}" for comp, _ in r.tests) or _not_run(r, untrained)
         diffs = "; ".join(_interval(d) if d is not None else DASH for _, d in r.tests) or DASH
+        diffs += "".join(f"; step-size control {ct.run}: {_control_cell(ct)}" for ct in r.controls if ct is not None)
         rows.append([f"{name}: {what}", tests, diffs, r.outcome])
-    return Table("Paper claims: outcome at this budget", cols, rows,
-                 "Outcome by the rule below, on the claim's primary measure (the protocol the paper reports the claim in).",
+    caption = "Outcome by the rule below, on the claim's primary measure (the protocol the paper reports the claim in)."
+    if with_controls:
+        caption += (" The outcome rests on the as-published pair; the step-size control (the same method taking its "
+                    "base's step) only checks it.")
+    return Table("Paper claims: outcome at this budget", cols, rows, caption,
                  key_columns=("outcome",), anchor="summary-claims")
 
 
+CONTROL_MARK = " (step-size control)"   # after the pair of a control's row in the claims table
+
+
+def _control_cell(ct) -> str:
+    """A step-size control's primary difference and verdict, or that it is not trained yet."""
+    return ct.untrained or DASH if ct.diff is None else f"{_interval(ct.diff)} {SHORT_VERDICT[ct.diff.verdict]}"
+
+
+def _control_row(name: str, ct, key_label: str, base: RunMetrics) -> list[str]:
+    """The claims table's row of a step-size control, right under the pair it checks."""
+    m = ct.metrics
+    if ct.diff is None:
+        cell, verdict = DASH, ct.untrained or DASH
+    else:
+        cell, verdict = _interval(ct.diff), f"{SHORT_VERDICT[ct.diff.verdict]} (control)"
+    seeds = DASH if m is None else f"{len(m.seeds)} + {len(base.seeds)} seeds, {_epochs_pair(m, base)} epochs"
+    return [name, ct.label + CONTROL_MARK, cell, verdict, key_label, seeds]
+
+
+def _not_run(r: ClaimResult, untrained: dict | None) -> str:
+    """Why a claim has no test: its runs are in params but not trained yet, or the profile does not run them."""
+    c = r.claim
+    waiting = [u.label for u in (untrained or {}).values()
+               if (u.run in c["runs"] if c.get("runs") else u.method == c["method"])]
+    return f"{NOT_YET_TRAINED}: {', '.join(waiting)}" if waiting else "not run in this profile"
+
+
 def claims_table(results: list[ClaimResult], papers: dict[str, dict], res: Results, labels: dict[str, str],
-                 mine: dict | None = None) -> Table:
+                 mine: dict | None = None, untrained: dict | None = None) -> Table:
     """Each claim against each of our pairs that tests it: the difference and verdict right after the pair; the
     quote and the paper's setting folded below the table."""
+    with_controls = any(ct is not None for r in results for ct in r.controls)
     cols = ["paper", "our run vs base", "difference [95 % interval]", "verdict", "measure", "seeds / epochs"]
     rows, notes = [], []
     for r in results:
@@ -377,8 +431,8 @@ def claims_table(results: list[ClaimResult], papers: dict[str, dict], res: Resul
         name = paper_name(c["source"], papers)
         notes.append((f"{name}, {where(c['source'])}", f"“{c['quote']}” Setting: {c['setting']}."))
         if not r.tests:
-            rows.append([name, "not run in this profile", DASH, NOT_TESTED, labels.get(r.key, r.key), DASH])
-        for comp, d in r.tests:
+            rows.append([name, _not_run(r, untrained), DASH, NOT_TESTED, labels.get(r.key, r.key), DASH])
+        for i, (comp, d) in enumerate(r.tests):
             m, base = comp.run, comp.base
             if d is None:
                 cell = _short(None, res.mean(m, r.key), res.mean(base, r.key))
@@ -392,10 +446,21 @@ def claims_table(results: list[ClaimResult], papers: dict[str, dict], res: Resul
                     verdict += f"; mined pairs {100 * acc:.1f} % same-label (paper: 92.03 %)"
             rows.append([name, comp.label, cell, verdict, labels.get(r.key, r.key) + flag(m, r.key),
                          f"{len(m.seeds)} + {len(base.seeds)} seeds, {_epochs_pair(m, base)} epochs"])
-    return Table("Claims against our runs, pair by pair", cols, rows,
-                 "Each paper's headline claim against our pair of runs at this budget (a verdict says what this budget "
-                 "can detect, not whether the paper is right). " + DIFF_NOTE,
-                 key_columns=("difference [95 % interval]", "verdict"), notes=notes, anchor="claims")
+            ct = r.controls[i] if i < len(r.controls) else None
+            if ct is not None:
+                rows.append(_control_row(name, ct, labels.get(r.key, r.key), base))
+    caption = ("Each paper's headline claim against our pair of runs at this budget (a verdict says what this budget "
+               "can detect, not whether the paper is right). " + DIFF_NOTE)
+    keys = ("difference [95 % interval]", "verdict")
+    if with_controls:
+        caption += (" A step-size control's row (the same method taking its base's step, against the same base) "
+                    "follows the pair it checks; the verdict is the as-published pair's. Controls: "
+                    + "; ".join(dict.fromkeys(f"{ct.run}, {r.tests[i][0].run.run} with {ct.about}"
+                                              for r in results for i, ct in enumerate(r.controls) if ct is not None))
+                    + ". When a control's verdict differs from its pair's, the outcome is inconclusive (see the rule "
+                    "under the summary).")
+    return Table("Claims against our runs, pair by pair", cols, rows, caption,
+                 key_columns=keys, notes=notes, anchor="claims")
 
 
 def _epochs_pair(m: RunMetrics, base: RunMetrics) -> str:
