@@ -221,7 +221,7 @@ def stages(p: dict) -> dict:
         + [paths.curve(n).as_posix() for n in insts]
         + [paths.mine_metrics().as_posix()],
         "params": ["seed", "runs", "pair_runs", "report", "dataset.name", "dataset.image_size",
-                   *(["seeds"] if p.get("seeds") else [])],
+                   *(["seeds"] if p.get("seeds") else []), *(["mine.encoder_run"] if p.get("mine") else [])],
         "outs": [{o.as_posix(): {"cache": False}} for o in paths.report_outputs()],
     }
     return out
