@@ -1,12 +1,17 @@
 """Small shared mechanics: atomic writes, JSON, device choice, seed mixing."""
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
+
+_FAULTS = bool(os.environ.get("SSLPIPE_FAULT"))   # read once: an unset hook costs one bool test per write
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)   # what a full disk, a file-size limit or a quota raise
 
 
 def mix_seed(*xs: int) -> int:
@@ -26,18 +31,40 @@ def _tmp_beside(path: Path) -> str:
 
 
 def atomic_write_with(path: str | Path, write) -> None:
-    """Call `write(fileobj)` on a temp file beside `path`, fsync, then rename: a reader never sees a partial file."""
+    """Call `write(fileobj)` on a temp file beside `path`, fsync, then rename: a reader never sees a partial file.
+
+    A full disk (ENOSPC, EFBIG past a file-size limit, EDQUOT) raises OSError naming `path`, the temp file gone."""
     path = Path(path)
     tmp = _tmp_beside(path)
     try:
+        if _FAULTS:   # the fault-injection suite's disk full / kill around an artifact write (pipeline.faults)
+            from pipeline import faults
+            faults.point(f"open:{path.name}")
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
+            if _FAULTS:
+                faults.point(f"write:{path.name}")
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in DISK_FULL and e.filename is None:
+            raise OSError(e.errno, os.strerror(e.errno), str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> tuple[str, int]:
+    """(hex SHA-256, size in bytes) of a file, read in chunks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
 
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:

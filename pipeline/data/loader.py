@@ -217,12 +217,21 @@ class RunLoader:
 
     def __init__(self, loader: DataLoader):
         self.loader = loader
+        self._it = None
 
     def __len__(self) -> int:
         return len(self.loader.dataset)
 
+    def death(self, e: BaseException) -> DataError | None:
+        """The one-line error for a worker death PyTorch reported as `e`, wherever in the step it surfaced (its
+        SIGCHLD handler raises it in the main thread: in the forward, the backward, the optimizer step...);
+        None when `e` is something else."""
+        if not isinstance(e, RuntimeError) or "DataLoader worker" not in str(e):
+            return None
+        return DataError(_worker_death(self._it))
+
     def __iter__(self):
-        it = iter(self.loader)
+        it = self._it = iter(self.loader)
         while True:
             try:
                 batch = next(it)
