@@ -140,3 +140,25 @@ class Preemption:
     def __exit__(self, *exc) -> None:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
+
+
+# --- a rank lost ---------------------------------------------------------------------------------------------
+
+_PEER_LOST = ("gloo", "nccl", "connection reset", "connection closed", "broken pipe", "timed out", "timeout")
+
+
+def collective_failure(e: BaseException, run: str) -> PipelineError | None:
+    """The one-line error for a collective that failed because another rank died or hung (gloo reports a reset
+    connection at once; a hung peer fails the collective after `pipeline.dist.collective_timeout`); None for
+    anything else, and outside torchrun."""
+    import torch.distributed as tdist
+
+    if not (isinstance(e, RuntimeError) and tdist.is_available() and tdist.is_initialized()):
+        return None
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if not (isinstance(e, getattr(tdist, "DistError", ())) or any(k in text.lower() for k in _PEER_LOST)):
+        return None
+    detail = text.split("] ", 1)[-1].split(". ", 1)[0]   # gloo: "[file.cc:545] Read error [addr]: Connection reset by peer. ..."
+    return PipelineError(f"{run}: rank {tdist.get_rank()} of {tdist.get_world_size()}: a collective failed: another rank "
+                         f"died or stopped answering ({detail}); rerun the stage (all ranks) to resume from the last "
+                         f"checkpoint")

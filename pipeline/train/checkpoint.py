@@ -147,7 +147,10 @@ def save_verified(obj, path: str | Path) -> None:
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.new")
-    atomic_torch_save(obj, tmp)
+    try:
+        atomic_torch_save(obj, tmp)
+    except OSError as e:   # name the checkpoint, not its temp file
+        raise OSError(e.errno, e.strerror, str(path)) from None
     faults.point("checkpoint-write")
     digest, size = file_sha256(tmp)
     if path.exists():

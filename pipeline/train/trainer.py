@@ -312,11 +312,11 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
                 return {"stopped_at_step": progress.step}
             t_last = time.perf_counter()  # monitor, curve and checkpoint are not training time
         guard.check()
-    except RuntimeError as e:   # a loader worker died: PyTorch reports it wherever the main thread is
-        death = batches.death(e)
-        if death is None:
+    except RuntimeError as e:   # a loader worker died (PyTorch reports it wherever the main thread is), a rank was lost
+        fault = batches.death(e) or faults.collective_failure(e, run)
+        if fault is None:
             raise
-        raise death from None
+        raise fault from None
     finally:
         preemption.__exit__()
         bar.close()
