@@ -1,6 +1,7 @@
 """Small shared mechanics: atomic writes, JSON, device choice, seed mixing."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -20,6 +21,24 @@ def mix_seed(*xs: int) -> int:
     for x in xs:
         h = (h ^ (int(x) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0x7FFFFFFFFFFFFFFF
     return h
+
+
+def remove_stale_temps(directory: str | Path) -> None:
+    """Delete the temp files a killed writer left in `directory` (`.<name>.*.tmp`, this module's and the feature
+    cache's): a stage whose DVC output is the directory would otherwise cache them with the outputs."""
+    for f in Path(directory).glob(".*.tmp"):
+        f.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def naming_disk_full(path: str | Path):
+    """A full disk while writing under `path` raises OSError naming `path` (numpy's and tar's writers name none)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_FULL and not e.filename:
+            raise OSError(e.errno, os.strerror(e.errno), str(path)) from None
+        raise
 
 
 def _tmp_beside(path: Path) -> str:

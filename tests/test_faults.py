@@ -20,8 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import ROOT, make_imagefolder, tiny_params
 
@@ -250,3 +252,148 @@ def test_a_killed_ddp_rank_ends_the_survivor_in_bounded_time_in_one_line(tmp_pat
     ranks, _ = run_ddp(root, None)
     assert [code for code, _ in ranks] == [0, 0]
     assert checkpoint_step(root) == 6 and (root / ENCODER).exists()
+
+
+# --- the other long stages: shard and features, run as stages in a copy of the project ---------------------------
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_imagefolder(tmp_path_factory.mktemp("images") / "images")
+
+
+def stage_project(tmp_path: Path, images: Path) -> Path:
+    """A copy of the project whose params.yaml is the tiny profile on the 24-image folder `images`."""
+    import yaml
+
+    from tests.conftest import copy_project
+
+    root = copy_project(tmp_path / "proj")
+    subprocess.run([sys.executable, "-m", "pipeline.profile", "tiny", "--dvc-yaml", "none"], cwd=root, check=True,
+                   capture_output=True)
+    p = yaml.safe_load((root / "params.yaml").read_text())
+    p["dataset"].update(name="tiny", source="imagefolder", root=str(images))
+    p["shard"].update(samples_per_shard=5, max_images=0, workers=1)
+    p["evaluate"].update(batch_size=8, num_workers=0)
+    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    return root
+
+
+def _file_size_limit(limit: int):
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # past the limit a write fails with EFBIG, not a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def stage(root: Path, *argv: str, fault: str | None = None, file_size_limit: int | None = None):
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("SSLPIPE_FAULT", None)
+    if fault:
+        env["SSLPIPE_FAULT"] = fault
+    r = subprocess.run([sys.executable, "-m", *argv], cwd=root, env=env, capture_output=True, text=True, timeout=300,
+                       preexec_fn=_file_size_limit(file_size_limit) if file_size_limit else None)
+    return r.returncode, r.stderr
+
+
+@pytest.mark.slow
+def test_disk_full_while_sharding_leaves_no_shards_and_no_temp_directory(tmp_path, images):
+    root = stage_project(tmp_path, images)
+    code, err = stage(root, "stages.shard", file_size_limit=4096)   # less than one shard of 5 images
+    assert code == 1
+    assert re.fullmatch(r"error: data/shards/tiny: File too large \(disk full or over a file-size limit\): free "
+                        r"space and rerun; finished files are intact and no partial one is left", the_error(err))
+    assert not (root / "data/shards").exists() or list((root / "data/shards").iterdir()) == []
+    code, err = stage(root, "stages.shard")
+    assert code == 0, err[-2000:]
+    assert len(list((root / "data/shards/tiny/train").glob("*.tar"))) == 5
+
+
+@pytest.mark.slow
+def test_features_disk_full_or_killed_leave_no_features_file_and_no_temp_file(tmp_path, images, shards, reference):
+    root = stage_project(tmp_path, images)
+    (root / "data/shards").mkdir(parents=True)
+    (root / "data/shards/tiny").symlink_to(shards)
+    (root / ENCODER).parent.mkdir(parents=True)
+    (root / ENCODER).write_bytes(reference)
+    out = root / f"data/features/{RUN}"
+    code, err = stage(root, "stages.features", RUN, file_size_limit=4096)   # labels and keys fit, features do not
+    assert code == 1
+    assert re.fullmatch(rf"error: {out.relative_to(root)}/train.npy: File too large .*", the_error(err))
+    assert sorted(p.name for p in out.iterdir()) == ["train-keys.npy", "train-labels.npy"]   # no train.npy, no temp
+
+    code, _ = stage(root, "stages.features", RUN, fault="kill@write:test-keys.npy:1")   # test.npy's temp is full
+    assert code == -signal.SIGKILL
+    assert not (out / "test.npy").exists() and list(out.glob(".*.tmp"))   # what the killed writer left
+    code, err = stage(root, "stages.features", RUN)
+    assert code == 0, err[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [f"{s}{x}.npy" for s in ("test", "train") for x in ("", "-keys", "-labels")]
+
+
+# --- bad inputs, before compute ----------------------------------------------------------------------------------
+
+def test_a_corrupt_pair_shard_is_named_with_the_mine_stage_as_remedy(tmp_path, shards):
+    from pipeline.data.loader import ShardStream
+    from pipeline.data.shards import read_manifest, write_pair_shards
+    from pipeline.data.views import ViewSpec
+    from pipeline.errors import DataError
+
+    train = read_manifest(shards, "train")
+    labels = dict(zip(train["index"].tolist(), train["label"].tolist()))
+    idx = train["index"].to_numpy()
+    pairs = tmp_path / "pairs/semantic"
+    write_pair_shards(shards, pairs, idx[:6], idx[6:12], labels, 5, seed=0)
+    bad = pairs / "shard-000000.tar"
+    bad.write_bytes(bad.read_bytes()[:1500])   # cut inside the second member
+    with pytest.raises(DataError, match=rf"^{bad}: corrupt shard \(.*\); rerun: dvc repro -f mine$"):
+        ShardStream(shards, [ViewSpec(size=16)], [0.5] * 3, [0.2] * 3, 8, 24, 8, 0, pairs_dir=pairs)
+
+
+def test_a_missing_or_empty_dataset_root_is_one_line_naming_it(tmp_path):
+    from pipeline.data.sources import imagefolder
+    from pipeline.errors import ParamError
+
+    with pytest.raises(ParamError, match=rf"^dataset.root: {tmp_path}/none is not a directory$"):
+        imagefolder(tmp_path / "none")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ParamError, match=r"^dataset.root: .*empty has no train/test/ folder"):
+        imagefolder(tmp_path / "empty")
+    for split in ("train", "test"):
+        (tmp_path / "empty" / split / "cat").mkdir(parents=True)
+    with pytest.raises(ParamError, match=r"^dataset.root: .*empty/train holds no images \(.*\) in its class folders$"):
+        imagefolder(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("name, make, why", [
+    ("deep.png", lambda rng: Image.fromarray(rng.integers(0, 65535, (32, 32), dtype=np.uint16)),
+     r"mode I;16 \(high bit depth\) would be clipped to 8-bit RGB: convert it to 8-bit"),
+    ("pixel.png", lambda rng: Image.fromarray(rng.integers(0, 255, (1, 1, 3), dtype=np.uint8)),
+     r"1x1 pixels, a side under 8"),
+])
+def test_an_unusable_image_in_an_imagefolder_is_named_before_any_shard_is_written(tmp_path, name, make, why):
+    from pipeline.data.shards import write_shards
+    from pipeline.data.sources import imagefolder
+    from pipeline.errors import DataError
+
+    root = make_imagefolder(tmp_path / "images", n_per_class=2)
+    make(np.random.default_rng(0)).save(root / "train/b" / name)
+    with pytest.raises(DataError, match=rf"^{root}/train/b/{name}: unusable image \({why}\); or remove it, or set "
+                                        r"shard.skip_corrupt: true to skip and count it$"):
+        write_shards(imagefolder(root), tmp_path / "shards", 5, 0, skip_corrupt=False)
+    assert not (tmp_path / "shards").exists()
+    stats = write_shards(imagefolder(root), tmp_path / "shards", 5, 0, skip_corrupt=True)
+    assert stats["skipped_corrupt"] == 1 and stats["images"]["train"] == 6
+
+
+def test_other_8_bit_modes_and_sizes_are_converted_and_shard(tmp_path):
+    from pipeline.data.shards import write_shards
+    from pipeline.data.sources import imagefolder
+
+    root = make_imagefolder(tmp_path / "images", n_per_class=2)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 4), dtype=np.uint8)).convert("CMYK").save(root / "train/a/cmyk.jpg")
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).convert("P").save(root / "train/a/palette.png")
+    Image.fromarray(rng.integers(0, 255, (300, 40, 3), dtype=np.uint8)).save(root / "train/a/tall.png")
+    stats = write_shards(imagefolder(root), tmp_path / "shards", 5, 0, skip_corrupt=False)
+    assert stats["skipped_corrupt"] == 0 and stats["images"]["train"] == 9
