@@ -83,14 +83,15 @@ def _kill_worker() -> None:
 
 
 def _disk_full() -> None:
-    import resource
+    import resource   # SIGXFSZ is ignored from import on (a handler can only be set from the main thread)
 
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit then fails with EFBIG instead of killing
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
 _ACTIONS = {"kill": _kill_self, "term": _term_self, "kill-worker": _kill_worker, "full": _disk_full}
 _PLAN = _parse(_SPEC)
+if "full" in _PLAN.values():   # a write past the file-size limit then fails with EFBIG instead of killing the process
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
 # --- pre-emption -------------------------------------------------------------------------------------------

@@ -186,8 +186,21 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
     """Pretrain one run of params `p`; resumes from its checkpoint when one matches. Returns the summary.
 
     `paths` come from the stage (default: the project layout under `root`). `max_steps` stops early (after a
-    checkpoint) without writing the final artifacts: tests use it.
+    checkpoint) without writing the final artifacts: tests use it. A loader worker's death or a lost rank ends
+    the run with a one-line PipelineError, wherever PyTorch reports it (its SIGCHLD handler raises in whatever
+    the main thread is doing: the forward, the backward, a checkpoint's `finally`).
     """
+    loaders: list = []
+    try:
+        return _train(p, run, root, max_steps, paths, loaders)
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        fault = (loaders[0].death(e) if loaders else None) or faults.collective_failure(e, run)
+        if fault is None:
+            raise
+        raise fault from None
+
+
+def _train(p: dict, run: str, root: Path, max_steps: int | None, paths: RunPaths | None, loaders: list) -> dict:
     dist.init_from_env()
     device = pick_device()
     spec = run_spec(p, run)
@@ -262,6 +275,7 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
         now = time.perf_counter()
         progress.epoch_time_s, t_last = progress.epoch_time_s + now - t_last, now
     batches = open_batches(stream, progress, epochs, train_cfg["num_workers"], pin_memory=cuda)
+    loaders.append(batches)
     preemption = faults.Preemption().__enter__()   # SIGTERM: checkpoint at the next step boundary, then stop
     try:
         for batch in batches:
@@ -312,11 +326,6 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
                 return {"stopped_at_step": progress.step}
             t_last = time.perf_counter()  # monitor, curve and checkpoint are not training time
         guard.check()
-    except RuntimeError as e:   # a loader worker died (PyTorch reports it wherever the main thread is), a rank was lost
-        fault = batches.death(e) or faults.collective_failure(e, run)
-        if fault is None:
-            raise
-        raise fault from None
     finally:
         preemption.__exit__()
         bar.close()
