@@ -140,9 +140,10 @@ def record_path(path: Path) -> Path:
 def save_verified(obj, path: str | Path) -> None:
     """Write `obj` atomically at `path`, keep the checkpoint it replaces as prev.pt, record size and SHA-256.
 
-    Order: the new file is complete on disk (temp, fsync, rename) before the old one is rotated out of
-    `last.pt`, and its record is written after it, so a crash at any point leaves at least one checkpoint
-    whose record matches (a new file without its record is passed over on load, for prev.pt)."""
+    Order: the new file is complete on disk (temp, fsync) before the old one is rotated out of `last.pt`, and
+    its record is written after it is renamed in, so a crash at any point leaves a whole checkpoint: last.pt
+    with its record, or prev.pt with its record (no last.pt yet), or a last.pt without a record (whole, being
+    renamed only after its fsync; judged by loading it)."""
     from pipeline import faults
 
     path = Path(path)
