@@ -35,7 +35,7 @@ import torch
 from pipeline import paths as layout
 from pipeline import dist
 from pipeline.errors import PipelineError
-from pipeline.utils import atomic_torch_save, atomic_write_text, file_sha256, mix_seed
+from pipeline.utils import DISK_FULL, atomic_torch_save, atomic_write_text, file_sha256, mix_seed
 
 
 @dataclass
@@ -150,8 +150,10 @@ def save_verified(obj, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.new")
     try:
         atomic_torch_save(obj, tmp)
-    except OSError as e:   # name the checkpoint, not its temp file
-        raise OSError(e.errno, e.strerror, str(path)) from None
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None   # name the checkpoint, not its temp file
     faults.point("checkpoint-write")
     digest, size = file_sha256(tmp)
     if path.exists():
