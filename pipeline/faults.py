@@ -14,7 +14,8 @@ start / its temp file written, not yet renamed). Actions:
 `kill` (SIGKILL this process), `term` (SIGTERM it), `kill-worker` (SIGKILL a DataLoader worker and let its
 death be noticed right there), `full` (the disk is full from now on: RLIMIT_FSIZE set to 0 with SIGXFSZ
 ignored, so every later write of this process fails with EFBIG). The variable is read once, at import;
-set it in the environment of one rank only to fault that rank. Unset, `point` is one test of a module constant.
+set it in the environment of one rank only to fault that rank. Unset, `point` returns at its first test.
+This module imports nothing of the project but `errors` (the ground floor: `utils` calls it).
 """
 from __future__ import annotations
 

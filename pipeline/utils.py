@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-_FAULTS = bool(os.environ.get("SSLPIPE_FAULT"))   # read once: an unset hook costs one bool test per write
+from pipeline import faults
+
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)   # what a full disk, a file-size limit or a quota raise
 
 
@@ -56,14 +57,11 @@ def atomic_write_with(path: str | Path, write) -> None:
     path = Path(path)
     tmp = _tmp_beside(path)
     try:
-        if _FAULTS:   # the fault-injection suite's disk full / kill around an artifact write (pipeline.faults)
-            from pipeline import faults
-            faults.point(f"open:{path.name}")
+        faults.point(f"open:{path.name}")   # the fault-injection suite's disk full / kill (unset: returns at once)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
-            if _FAULTS:
-                faults.point(f"write:{path.name}")
+            faults.point(f"write:{path.name}")
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:

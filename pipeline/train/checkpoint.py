@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from pipeline import paths as layout
-from pipeline import dist
+from pipeline import dist, faults
 from pipeline.errors import PipelineError
 from pipeline.utils import DISK_FULL, atomic_torch_save, atomic_write_text, file_sha256, mix_seed
 
@@ -144,8 +144,6 @@ def save_verified(obj, path: str | Path) -> None:
     its record is written after it is renamed in, so a crash at any point leaves a whole checkpoint: last.pt
     with its record, or prev.pt with its record (no last.pt yet), or a last.pt without a record (whole, being
     renamed only after its fsync; judged by loading it)."""
-    from pipeline import faults
-
     path = Path(path)
     tmp = path.with_name(f".{path.name}.new")
     try:
