@@ -13,6 +13,7 @@ from typing import Callable
 
 from pipeline import params
 from pipeline.errors import ParamError, PipelineError
+from pipeline.utils import DISK_FULL
 
 # set by the DAG test to a directory: each stage process writes there the project files it imported
 # (`<stage>.<run>.txt`), to compare with the code dependencies dvc.yaml declares for it
@@ -56,6 +57,12 @@ def main(fn: Callable[[list[str]], None]) -> None:
         fn(sys.argv[1:])
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(getattr(e, "exit_code", 1))   # pipeline.faults.Preempted: the scheduler's requeue status
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        print(f"error: {e.filename or 'a write'}: {e.strerror} (disk full or over a file-size limit): free space and "
+              f"rerun; finished files are intact and no partial one is left", file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: the stage can be rerun and resumes from its last checkpoint", file=sys.stderr)

@@ -33,8 +33,17 @@ def init_from_env() -> bool:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=collective_timeout())
     return True
+
+
+def collective_timeout():
+    """How long a collective waits for a rank that stopped answering before it fails (instead of hanging a
+    job for torch's default 10-30 min, or for ever where a peer hangs rather than dies): a runtime setting,
+    `SSLPIPE_DIST_TIMEOUT_S` (default 1800 s, above the longest pause of rank 0 alone: the kNN monitor)."""
+    from datetime import timedelta
+
+    return timedelta(seconds=float(os.environ.get("SSLPIPE_DIST_TIMEOUT_S", 1800)))
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

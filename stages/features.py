@@ -12,7 +12,7 @@ from pipeline.data.shards import read_manifest
 from pipeline.eval.features import extract_features_to
 from pipeline.models.encoder_io import load_encoder
 from pipeline import dist
-from pipeline.utils import pick_device
+from pipeline.utils import naming_disk_full, pick_device, remove_stale_temps
 
 
 def run(argv):
@@ -28,12 +28,15 @@ def run(argv):
     dist.init_from_env()
     device = pick_device()
     out = paths.features(name)
+    if dist.is_main() and out.is_dir():
+        remove_stale_temps(out)   # a killed run's temp files: DVC caches this directory whole
     for split in ("train", "test"):
         # evaluate.train_subset also bounds extraction: features no protocol will read are never computed
         limit = ev["train_subset"] if split == "train" else 0
-        n, d = extract_features_to(out, split, backbone, shard_dir, ds["image_size"], ds["mean"], ds["std"],
-                                   ev["batch_size"], device, limit=limit, num_workers=ev.get("num_workers", 0),
-                                   crop_ratio=ev.get("crop_ratio", DEFAULT_CROP_RATIO))
+        with naming_disk_full(out / f"{split}.npy"):
+            n, d = extract_features_to(out, split, backbone, shard_dir, ds["image_size"], ds["mean"], ds["std"],
+                                       ev["batch_size"], device, limit=limit, num_workers=ev.get("num_workers", 0),
+                                       crop_ratio=ev.get("crop_ratio", DEFAULT_CROP_RATIO))
         if dist.is_main():
             print(f"features {name} {split}: {n} x {d} -> {out / f'{split}.npy'}")
     dist.barrier()

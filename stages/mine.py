@@ -8,14 +8,15 @@ import sys
 from pipeline import params, paths
 from pipeline.cli import main
 from pipeline.mining.sampler import mine
-from pipeline.utils import atomic_write_json
+from pipeline.utils import atomic_write_json, naming_disk_full
 
 
 def run(argv):
     if argv:
         raise params.ParamError("usage: python -m stages.mine  (settings under mine: in params.yaml)")
     p = params.load(methods=())   # no method code: the encoder artifact is self-contained
-    metrics = mine(p)
+    with naming_disk_full(paths.pairs(p["dataset"]["name"])):   # the pair shards' tar writer names no file
+        metrics = mine(p)
     atomic_write_json(metrics, paths.mine_metrics())
     s = metrics["semantic"]
     acc = "n/a" if s["pair_accuracy"] is None else f"{100 * s['pair_accuracy']:.1f}%"

@@ -223,21 +223,39 @@ class RunLoader:
 
     def __init__(self, loader: DataLoader):
         self.loader = loader
+        self._it = None
 
     def __len__(self) -> int:
         return len(self.loader.dataset)
 
+    def death(self, e: BaseException) -> DataError | None:
+        """The one-line error for a worker death PyTorch reported as `e`, wherever in the step it surfaced (its
+        SIGCHLD handler raises it in the main thread: in the forward, the backward, the optimizer step...; or a
+        batch whose shared-memory handles the dead worker can no longer hand over raises ConnectionError);
+        None when `e` is something else. The loader is shut down, so no later SIGCHLD raises it again."""
+        reported = isinstance(e, RuntimeError) and "DataLoader worker" in str(e)
+        lost = isinstance(e, (ConnectionError, EOFError)) and any(
+            p.exitcode is not None for p in getattr(self._it, "_workers", []) if not p.is_alive())
+        if not (reported or lost):
+            return None
+        error = DataError(_worker_death(self._it))
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        return error
+
     def __iter__(self):
-        it = iter(self.loader)
+        it = self._it = iter(self.loader)
         while True:
             try:
                 batch = next(it)
             except StopIteration:
                 return
-            except RuntimeError as e:
-                if "DataLoader worker" not in str(e):
+            except (RuntimeError, ConnectionError, EOFError) as e:
+                death = self.death(e)
+                if death is None:
                     raise
-                raise DataError(_worker_death(it)) from None
+                raise death from None
             if isinstance(batch, WorkerFailure):
                 raise DataError(batch.message)
             yield batch

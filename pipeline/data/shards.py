@@ -210,7 +210,9 @@ def index_of_key(key: str) -> int:
 # --- random access (the training stream) -----------------------------------------------------------
 
 def _corrupt(path, why: str) -> DataError:
-    return DataError(f"{path}: corrupt shard ({why}); rerun: dvc repro -f shard")
+    # a pair shard (SePP-ID) sits beside its set's meta.json and is the mine stage's; a train shard is the shard stage's
+    stage = "mine" if (Path(path).parent / "meta.json").exists() else "shard"
+    return DataError(f"{path}: corrupt shard ({' '.join(why.split())}); rerun: dvc repro -f {stage}")   # one line
 
 
 class TarIndex:

@@ -63,6 +63,9 @@ def imagefolder(root: str | Path) -> Source:
                 if ext is None or not f.is_file():
                     continue
                 recs.append(Record(len(recs), label, ext, f.read_bytes, str(f)))
+        if not recs:
+            raise ParamError(f"dataset.root: {d} holds no images ({', '.join(sorted(set(IMAGE_EXTS.values())))}) "
+                             f"in its class folders")
         extra = sorted({p.name for p in d.iterdir() if p.is_dir()} - set(classes))
         if extra:
             raise ParamError(f"dataset.root: {d} has class folders not in train/: {', '.join(extra)}")
@@ -112,12 +115,37 @@ def decode_rgb(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 
+# a side this short is no photograph (a tracking pixel, a broken thumbnail): crops of it are one colour
+MIN_SIDE = 8
+# high bit depth: PIL's convert("RGB") clips these to 8 bits (a 16-bit PNG becomes white), silently
+CLIPPED_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+class UnusableImage(Exception):
+    """An image that decodes but would train on garbage."""
+
+
+def check_usable(img: Image.Image) -> None:
+    if img.mode in CLIPPED_MODES:
+        raise UnusableImage(f"mode {img.mode} (high bit depth) would be clipped to 8-bit RGB: convert it to 8-bit")
+    if min(img.size) < MIN_SIDE:
+        raise UnusableImage(f"{img.size[0]}x{img.size[1]} pixels, a side under {MIN_SIDE}")
+
+
 def check_record(r: Record, skip_corrupt: bool) -> tuple[bytes | None, str | None]:
-    """(bytes, None) for a decodable image; (None, message) for a corrupt one when skipping, else DataError
-    naming the file."""
+    """(bytes, None) for a decodable, usable image; (None, message) for a corrupt or unusable one when skipping,
+    else DataError naming the file (before any shard is written)."""
     try:
         data = r.load()
-        decode_rgb(data)
+        img = Image.open(io.BytesIO(data))
+        img.load()   # fully decode: catches truncated files that PIL's lazy open would not
+        check_usable(img)
+        img.convert("RGB")
+    except UnusableImage as e:
+        msg = f"{r.origin}: unusable image ({e})"
+        if not skip_corrupt:
+            raise DataError(f"{msg}; or remove it, or set shard.skip_corrupt: true to skip and count it") from None
+        return None, msg
     except Exception as e:
         msg = f"{r.origin}: unreadable image ({type(e).__name__}: {e})"
         if not skip_corrupt:

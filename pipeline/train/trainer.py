@@ -26,8 +26,8 @@ from pipeline.methods import registry
 from pipeline.models.backbones import build_backbone
 from pipeline.errors import ParamError, PipelineError
 from pipeline.params import RUNTIME_TRAIN_KEYS, base_run, method_config, run_spec, training_seed
-from pipeline import dist
-from pipeline.train.checkpoint import Checkpointer, Progress, RunPaths, fingerprint, seed_everything
+from pipeline import dist, faults
+from pipeline.train.checkpoint import Checkpointer, Progress, RunPaths, fingerprint, numerics, seed_everything
 from pipeline.train.optim import build_optimizer, clip_gradients, cosine_ramp, lr_at, peak_lr, set_lr, set_weight_decay
 from pipeline.utils import atomic_write_json, atomic_write_text, pick_device
 
@@ -110,15 +110,18 @@ def train_step(model: nn.Module, method: nn.Module, opt, scaler, batch, amp_dtyp
     """One optimisation step: forward (under autocast on CUDA), guard, backward, clip, step, EMA updates."""
     device_type = batch.views[0].device.type
     with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        faults.point("forward")
         out = model(batch)
     if check is not None:
         check(out)
     opt.zero_grad(set_to_none=True)
+    faults.point("backward")
     scaler.scale(out["loss"] * getattr(method, "loss_scale", 1.0)).backward()   # base.Method.loss_scale
     if grad_clip > 0:
         scaler.unscale_(opt)
         clip_gradients(list(method.parameters()), grad_clip, grad_clip_mode)
     method.before_optimizer_step()
+    faults.point("optimizer")
     scaler.step(opt)
     scaler.update()
     method.after_step(progress)
@@ -185,8 +188,21 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
     """Pretrain one run of params `p`; resumes from its checkpoint when one matches. Returns the summary.
 
     `paths` come from the stage (default: the project layout under `root`). `max_steps` stops early (after a
-    checkpoint) without writing the final artifacts: tests use it.
+    checkpoint) without writing the final artifacts: tests use it. A loader worker's death or a lost rank ends
+    the run with a one-line PipelineError, wherever PyTorch reports it (its SIGCHLD handler raises in whatever
+    the main thread is doing: the forward, the backward, a checkpoint's `finally`).
     """
+    loaders: list = []
+    try:
+        return _train(p, run, root, max_steps, paths, loaders)
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        fault = (loaders[0].death(e) if loaders else None) or faults.collective_failure(e, run)
+        if fault is None:
+            raise
+        raise fault from None
+
+
+def _train(p: dict, run: str, root: Path, max_steps: int | None, paths: RunPaths | None, loaders: list) -> dict:
     dist.init_from_env()
     device = pick_device()
     spec = run_spec(p, run)
@@ -229,7 +245,7 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
                 backbone_cfg, p["augment"], p["dataset"], seed, world]
     if pairs_meta is not None:  # other pairs (mine params changed): other training data, no resume
         fp_parts.append({"pairs": spec["pairs"], "digest": pairs_meta["digest"]})
-    checkpoints = Checkpointer(paths.checkpoint, fingerprint(*fp_parts), run)
+    checkpoints = Checkpointer(paths.checkpoint, fingerprint(*fp_parts), run, numerics(device, amp_dtype))
     progress = checkpoints.restore(method, opt, scaler)
     guard = FiniteGuard(run)
 
@@ -247,6 +263,7 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
     def save() -> None:
         guard.check()  # a checkpoint never holds a step after a non-finite loss
         checkpoints.save(method, opt, scaler, progress)
+        faults.point("checkpoint")
 
     if monitor is not None and progress.step == 0 and progress.knn_init is None:
         progress.knn_init = monitor_knn(0)
@@ -259,8 +276,11 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
         nonlocal t_last
         now = time.perf_counter()
         progress.epoch_time_s, t_last = progress.epoch_time_s + now - t_last, now
+    batches = open_batches(stream, progress, epochs, train_cfg["num_workers"], pin_memory=cuda)
+    loaders.append(batches)
+    preemption = faults.Preemption().__enter__()   # SIGTERM: checkpoint at the next step boundary, then stop
     try:
-        for batch in open_batches(stream, progress, epochs, train_cfg["num_workers"], pin_memory=cuda):
+        for batch in batches:
             if (batch.epoch, batch.step_in_epoch) != (progress.epoch, progress.step_in_epoch):
                 raise PipelineError(f"{run}: the loader yielded epoch {batch.epoch + 1} step {batch.step_in_epoch}, "
                                     f"the trainer is at epoch {progress.epoch + 1} step {progress.step_in_epoch}")
@@ -297,13 +317,20 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
                 if dist.is_main():
                     _write_curve(progress.history, paths.curve)
             stop = max_steps is not None and progress.step >= max_steps
-            if epoch_done or stop or progress.step % train_cfg["checkpoint_every"] == 0:
+            preempted = preemption.agreed(may_sync=epoch_done or progress.step % sync_every == 0)
+            if epoch_done or stop or preempted or progress.step % train_cfg["checkpoint_every"] == 0:
                 save()
+            if preempted:
+                checkpoints.wait()
+                raise faults.Preempted(f"{run}: stopped by SIGTERM; checkpoint written at step {progress.step} "
+                                       f"({paths.checkpoint}); exit status {faults.REQUEUE_EXIT}: requeue or rerun "
+                                       f"the stage to resume")
             if stop:
                 return {"stopped_at_step": progress.step}
             t_last = time.perf_counter()  # monitor, curve and checkpoint are not training time
         guard.check()
     finally:
+        preemption.__exit__()
         bar.close()
         checkpoints.wait()  # the last checkpoint is on disk before the run returns (or raises)
 
