@@ -42,11 +42,14 @@ TRAIN_KEYS: dict[str, Validator] = {
     "checkpoint_every": Int(1), "amp": Str(("bf16", "fp16", "off")), "channels_last": Bool(),
     "sync_bn": Bool(), "grad_clip": Float(0), "lr_scaling": Str(("linear", "none")),
     "weight_decay_end": Float(0), "knn_monitor": List(Int(0), 2), "knn_monitor_every": Int(1), "sync_every": Int(1),
+    # CUDA only: deterministic kernels (default true; false lets cuDNN benchmark): README, Scale-out
+    "deterministic": Bool(),
 }
 # train keys that change how fast a run goes, never what it computes: no stage depends on them, and a run
 # may resume with other values
 RUNTIME_TRAIN_KEYS = ("num_workers", "checkpoint_every", "sync_every")
-TRAIN = Section(TRAIN_KEYS, optional=("lr_scaling", "weight_decay_end", "knn_monitor", "knn_monitor_every", "sync_every"))
+TRAIN = Section(TRAIN_KEYS, optional=("lr_scaling", "weight_decay_end", "knn_monitor", "knn_monitor_every", "sync_every",
+                                         "deterministic"))
 RUN = Section({"method": Str(), "backbone": Str(), "overrides": lambda v, k: v}, optional=("overrides",))
 PAIR_KINDS = ("semantic", "random")
 # a run trained on the original images plus a pair set of the mine stage (SePP-ID §3.2)
@@ -91,7 +94,7 @@ def validate(raw: dict, methods=None) -> dict:
     """
     if not isinstance(raw, dict):
         raise ParamError("params: expected a mapping at the top level")
-    p = Section(TOP, optional=("seeds",))(copy.deepcopy(raw), "")
+    p = Section(TOP, optional=("seeds", "launcher"))(copy.deepcopy(raw), "")
     from pipeline.methods import registry
 
     for name in p["methods"]:

@@ -29,7 +29,8 @@ from pipeline.params import RUNTIME_TRAIN_KEYS, base_run, method_config, run_spe
 from pipeline import dist
 from pipeline.train.checkpoint import Checkpointer, Progress, RunPaths, fingerprint, seed_everything
 from pipeline.train.optim import build_optimizer, cosine_ramp, lr_at, peak_lr, set_lr, set_weight_decay
-from pipeline.utils import atomic_write_json, atomic_write_text, pick_device
+from pipeline.device import claim_device, set_deterministic
+from pipeline.utils import atomic_write_json, atomic_write_text
 
 # train keys that change how fast a run goes (or what it reports), not what it computes: they may differ on resume
 _RUNTIME_KEYS = (*RUNTIME_TRAIN_KEYS, "knn_monitor", "knn_monitor_every")   # the monitor changes no weight either
@@ -61,6 +62,11 @@ def open_batches(stream, progress: Progress, epochs: int, num_workers: int, pin_
     """Every batch from the resume point to the end of training, through ONE loader (workers live all run)."""
     stream.start_at(progress.epoch, progress.step_in_epoch, epochs)
     return make_loader(stream, num_workers, pin_memory)
+
+
+def apply_determinism(train_cfg: dict, device: torch.device) -> None:
+    """`train.deterministic` (default on): deterministic cuDNN/cuBLAS/torch kernels on CUDA (pipeline.device)."""
+    set_deterministic(train_cfg.get("deterministic", True), device)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -186,12 +192,13 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
     checkpoint) without writing the final artifacts: tests use it.
     """
     dist.init_from_env()
-    device = pick_device()
+    device = claim_device()   # under `dvc queue start -j N`: a GPU no other job holds
     spec = run_spec(p, run)
     paths = paths or RunPaths.for_run(root, p["dataset"]["name"], run, spec.get("pairs"))
     seed = training_seed(p, run)   # a run instance's own seed (`simclr-s1`: 1)
     seed_everything(seed)
     method, train_cfg, backbone_cfg = build_method(p, run)
+    apply_determinism(train_cfg, device)
     world = dist.world_size()
     image_size = p["dataset"]["image_size"]
     if not (paths.shards / "meta.json").exists():
