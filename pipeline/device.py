@@ -150,3 +150,24 @@ def claim_device() -> torch.device:
     torch.cuda.set_device(index)
     _claimed = torch.device("cuda", index)
     return _claimed
+
+
+def device_slug(device: torch.device) -> str:
+    """A file-name-safe name of the device: `cpu`, or the GPU's model (`nvidia-h100-80gb-hbm3`)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def amp_dtype_of(train_cfg: dict, device: torch.device):
+    """The autocast dtype the trainer uses: `train.amp` on CUDA, none on the CPU."""
+    if torch.device(device).type != "cuda":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg.get("amp", "off"))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a timer around GPU work must, or it times the launches only)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)

@@ -215,3 +215,27 @@ def test_torchrun_keeps_its_local_rank_mapping(monkeypatch):
     monkeypatch.setattr(D, "claim_free_gpu", lambda: pytest.fail("no lock under torchrun"))
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert D.claim_device() == torch.device("cuda", 3)
+
+
+# --- defect 11: the throughput benchmark on a GPU ---------------------------------------------------------------
+
+def test_throughput_timer_waits_for_the_device_and_files_are_named_by_device(monkeypatch):
+    from benchmarks import throughput
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: events.append("sync"))
+    throughput.timed(lambda: events.append("step"), steps=2, warmup=1, device=torch.device("cuda", 0))
+    assert events == ["step", "sync", "step", "step", "sync"]   # the clock reads finished work only
+    events.clear()
+    throughput.timed(lambda: events.append("step"), steps=1, warmup=0)   # CPU: nothing to wait for
+    assert events == ["step"]
+    assert throughput.default_out(torch.device("cpu")) == "benchmarks/results/throughput-cpu.json"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    assert throughput.default_out(torch.device("cuda", 0)) == "benchmarks/results/throughput-nvidia-h100-80gb-hbm3.json"
+
+
+def test_amp_dtype_follows_train_amp_on_cuda_only():
+    assert D.amp_dtype_of({"amp": "bf16"}, torch.device("cuda", 0)) is torch.bfloat16
+    assert D.amp_dtype_of({"amp": "fp16"}, torch.device("cuda", 0)) is torch.float16
+    assert D.amp_dtype_of({"amp": "off"}, torch.device("cuda", 0)) is None
+    assert D.amp_dtype_of({"amp": "bf16"}, torch.device("cpu")) is None
