@@ -152,8 +152,32 @@ def rescale(old: dict, shape: dict, p: dict, run: str) -> dict:
     return {**row, "shape": shape, "ddp_bucket_bytes": ddp, "peak_gib": peak / GIB}
 
 
+def activation_ratio(row: dict) -> float:
+    """AMP activation bytes over fp32's, from the bf16 trace at the smaller batch: (amp - fixed) / (fp32 - fixed)."""
+    v = row["validation"]
+    fp32 = row["measured_bytes"][str(v["amp_batch"])]
+    return (v["amp_bytes"] - row["fixed_bytes"]) / max(fp32 - row["fixed_bytes"], 1)
+
+
+def fit_preset(p: dict, rows: dict) -> None:
+    """Each run's AMP peak per GPU (the fp32 trace's activations scaled by the preset's measured AMP ratio, never
+    below 0.5: bf16 halves at best) and whether it fits the preset's stated memory per GPU."""
+    ratios = [activation_ratio(r) for r in rows.values() if "validation" in r]
+    ratio = max([0.5, *ratios])
+    for run, row in rows.items():
+        s = row["shape"]
+        amp = row["fixed_bytes"] + ratio * row["bytes_per_image"] * s["batch_per_gpu"] + row["ddp_bucket_bytes"]
+        row["amp_activation_ratio"] = ratio if s["amp"] != "off" else 1.0
+        row["amp_peak_gib"] = (amp if s["amp"] != "off" else row["peak_gib"] * GIB) / GIB
+        gib = method_config(p, run)[2].get("gpu_memory_gib")
+        row["gpu_memory_gib"] = gib
+        row["fits"] = None if gib is None else fits(row, gib)
+        print(f"  {run}: {s['gpus']} GPU(s) x {s['batch_per_gpu']}: AMP peak {row['amp_peak_gib']:.1f} GiB "
+              f"(fp32 {row['peak_gib']:.1f}) of {gib} -> fits {row['fits']}", flush=True)
+
+
 def fits(row: dict, gpu_memory_gib: float) -> bool:
-    return row["peak_gib"] * FRAGMENTATION + MARGIN_GIB <= gpu_memory_gib
+    return row["amp_peak_gib"] * FRAGMENTATION + MARGIN_GIB <= gpu_memory_gib
 
 
 def main(argv=None) -> None:
@@ -172,7 +196,7 @@ def main(argv=None) -> None:
                        "small per-GPU batches, live storage bytes traced per op, extrapolated linearly to the "
                        "preset's batch per GPU; + DDP gradient buckets when gpus > 1")
     table["fit_rule"] = {"fragmentation": FRAGMENTATION, "margin_gib": MARGIN_GIB,
-                         "fits": "peak_gib * fragmentation + margin_gib <= train.gpu_memory_gib"}
+                         "fits": "amp_peak_gib * fragmentation + margin_gib <= train.gpu_memory_gib"}
     done: dict[str, dict] = {}
     for name in a.presets:
         p = load_preset(name)
@@ -186,15 +210,13 @@ def main(argv=None) -> None:
             row = rescale(old, shape, p, run) if old and not a.remeasure else estimate(p, run, validate=i == 0)
             row["key"] = same
             done[same] = row
-            gib = method_config(p, run)[2].get("gpu_memory_gib")
-            row["gpu_memory_gib"] = gib
-            row["fits"] = None if gib is None else fits(row, gib)
             rows[run] = row
             print(f"{name} {run}: {row['shape']['gpus']} GPU(s) x batch {row['shape']['batch_per_gpu']}: "
-                  f"{row['peak_gib']:.1f} GiB per GPU (of {gib}) -> fits {row['fits']}"
+                  f"{row['peak_gib']:.1f} GiB per GPU traced in fp32"
                   + (f"; linearity check at b={row['validation']['batch']}: {100 * row['validation']['relative_error']:+.1f} %"
                      if "validation" in row else ""), flush=True)
-        table["presets"][name] = rows
+        table["presets"][name] = {r: rows[r] for r in trained_runs(p) if r in rows}
+        fit_preset(p, table["presets"][name])
         atomic_write_json(table, a.out)
 
 
