@@ -4,7 +4,7 @@
     python benchmarks/memory.py --presets stl10    # one preset (merged into the existing table)
 
 Method: MEASURED ON THE CPU AT REDUCED BATCH AND EXTRAPOLATED LINEARLY. The trainer's own `train_step` (method
-forward with heads and losses, backward, optimizer step, EMA/queue updates) runs twice in fp32 (every
+forward with heads and losses, backward, optimizer step, EMA/queue updates) runs once after a warm-up step in fp32 (every
 activation at 4 bytes; the first run of each preset is also traced under bf16 autocast at the smaller batch, and
 `amp_over_fp32` records how the AMP step compares), on synthetic final views of the preset's sizes, at two small per-GPU batches b1 < b2; a
 `TorchDispatchMode` (`LiveBytes`) adds up the bytes of every live tensor storage (parameters, buffers, queues,
@@ -49,7 +49,7 @@ OUT = Path(__file__).resolve().parent / "results" / "memory-presets.json"
 GIB = 2**30
 MARGIN_GIB = 4.0      # CUDA context + cuDNN/cuBLAS workspaces + allocator fragmentation, not traced
 FRAGMENTATION = 1.10  # the caching allocator rounds blocks up; keep 10 % headroom over the traced peak
-SMALL = {32: (8, 16), 96: (4, 8), 224: (2, 4)}   # the two measured per-GPU batches, by image size
+SMALL = {32: (4, 8), 96: (2, 4), 224: (2, 4)}   # the two measured per-GPU batches, by image size
 
 
 class LiveBytes(TorchDispatchMode):
@@ -91,23 +91,34 @@ def amp_of(train_cfg: dict, traced: str):
     return None if traced == "upper" or train_cfg["amp"] == "off" else torch.bfloat16
 
 
-def measure_peak(p: dict, run: str, batch: int, steps: int = 2, traced: str = "upper") -> int:
-    """Peak live bytes of `steps` trainer steps of `run` at per-GPU batch `batch` on the CPU."""
+def measure_peaks(p: dict, run: str, batches: list[int], traced: str = "upper") -> list[int]:
+    """Peak live bytes of one trainer step of `run` at each per-GPU batch in `batches`, on the CPU. One untracked
+    step first creates what a running trainer holds (optimizer state, EMA targets, queues); each tracked step then
+    counts those, the gradients, the activations and the temporaries."""
     torch.manual_seed(0)
     method, train_cfg, _ = build_method(p, run)
     opt = build_optimizer(method.param_groups(), train_cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    data = synthetic_batch(method, batch, p["dataset"]["image_size"], "cpu", augment=False,
-                           mean=p["dataset"]["mean"], std=p["dataset"]["std"])
     method.train()
-    live = LiveBytes()
-    for t in [*method.parameters(), *method.buffers(), *data.views]:
-        live.track(t)
-    with live:
-        for _ in range(steps):
-            out = train_step(method, method, opt, scaler, data, amp_of(train_cfg, traced), train_cfg["grad_clip"], 0.5)
-            del out
-    return live.peak
+    ds = p["dataset"]
+
+    def step(n: int) -> None:
+        data = synthetic_batch(method, n, ds["image_size"], "cpu", augment=False, mean=ds["mean"], std=ds["std"])
+        train_step(method, method, opt, scaler, data, amp_of(train_cfg, traced), train_cfg["grad_clip"], 0.5)
+
+    step(batches[0])
+    peaks = []
+    for n in batches:
+        opt.zero_grad(set_to_none=True)
+        live = LiveBytes()
+        held = [*method.parameters(), *method.buffers(),
+                *(v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))]
+        for t in held:
+            live.track(t)
+        with live:
+            step(n)
+        peaks.append(live.peak)
+    return peaks
 
 
 def param_bytes(p: dict, run: str) -> int:
@@ -119,7 +130,7 @@ def param_bytes(p: dict, run: str) -> int:
 def estimate(p: dict, run: str, validate: bool = False) -> dict:
     shape = step_shape(p, run)
     b1, b2 = SMALL.get(shape["image_size"], SMALL[224])
-    m1, m2 = measure_peak(p, run, b1), measure_peak(p, run, b2)
+    m1, m2, *m3 = measure_peaks(p, run, [b1, b2, 2 * b2] if validate else [b1, b2])
     slope = (m2 - m1) / (b2 - b1)
     fixed = m1 - slope * b1
     ddp = param_bytes(p, run) if shape["gpus"] > 1 else 0
@@ -127,9 +138,8 @@ def estimate(p: dict, run: str, validate: bool = False) -> dict:
     row = {"shape": shape, "traced": "fp32 (upper bound of the AMP step where amp_over_fp32 <= 1)", "measured_bytes": {str(b1): m1, str(b2): m2}, "fixed_bytes": int(fixed),
            "bytes_per_image": int(slope), "ddp_bucket_bytes": ddp, "peak_gib": peak / GIB}
     if validate:
-        b3 = 2 * b2
-        m3 = measure_peak(p, run, b3)
-        amp = measure_peak(p, run, b1, traced="amp")
+        b3, m3 = 2 * b2, m3[0]
+        amp = measure_peaks(p, run, [b1], traced="amp")[0]
         row["validation"] = {"batch": b3, "measured_bytes": m3, "predicted_bytes": int(fixed + slope * b3),
                              "relative_error": (fixed + slope * b3 - m3) / m3,
                              # the AMP step (bf16 autocast) against the fp32 trace at the same small batch
@@ -182,7 +192,7 @@ def fits(row: dict, gpu_memory_gib: float) -> bool:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", nargs="*", default=list(GPU_PROFILES))
+    ap.add_argument("--presets", nargs="*", default=["imagenet1k", "imagenet100", "stl10", "gpu-resnet18"])
     ap.add_argument("--runs", nargs="*", default=None, help="only these runs (default: every run that trains)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--remeasure", action="store_true",
@@ -211,6 +221,8 @@ def main(argv=None) -> None:
             row["key"] = same
             done[same] = row
             rows[run] = row
+            table["presets"][name] = rows
+            atomic_write_json(table, a.out)   # each run as it is measured: an interrupted table keeps them
             print(f"{name} {run}: {row['shape']['gpus']} GPU(s) x batch {row['shape']['batch_per_gpu']}: "
                   f"{row['peak_gib']:.1f} GiB per GPU traced in fp32"
                   + (f"; linearity check at b={row['validation']['batch']}: {100 * row['validation']['relative_error']:+.1f} %"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import math
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -215,6 +216,8 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
         return _finish(method, backbone_cfg, image_size, paths, summary, device, trained=False)
     if train_cfg["batch_size"] % world:
         raise ParamError(f"train.batch_size: {train_cfg['batch_size']} is not divisible by the {world} ranks")
+    if train_cfg.get("gpus", world) != world and dist.is_main():   # the preset's per-GPU batch (and BN) is not this run's
+        print(f"warning: {run}: train.gpus is {train_cfg['gpus']}, the run has {world} rank(s)", file=sys.stderr, flush=True)
 
     stream = build_stream(p, train_cfg, method, paths, meta, seed)
     steps_per_epoch, epochs = stream.steps, train_cfg["epochs"]
