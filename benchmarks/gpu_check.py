@@ -331,12 +331,18 @@ def loader_cores(results: dict) -> dict:
 
 # --- resume across device counts -------------------------------------------------------------------------
 
-def _widen_cuda_rng(obj, n: int):
-    """Every list of CUDA RNG states in a checkpoint, as if saved with n GPUs."""
+def _widen_cuda_rng(obj, n: int) -> bool:
+    """Every non-empty list of CUDA RNG states (key "cuda") in a checkpoint, in place, as if saved with n GPUs.
+    Returns whether there was one (a CPU checkpoint has none)."""
+    found = False
     if isinstance(obj, dict):
-        return {k: ([obj[k][0]] * n if k == "cuda" and isinstance(obj[k], list) and obj[k] else _widen_cuda_rng(obj[k], n))
-                for k in obj}
-    return obj
+        for k, v in obj.items():
+            if k == "cuda" and isinstance(v, list) and v:
+                obj[k] = [v[0]] * n
+                found = True
+            else:
+                found |= _widen_cuda_rng(v, n)
+    return found
 
 
 def resume_check(device) -> dict:
@@ -364,9 +370,9 @@ def resume_check(device) -> dict:
     widened = False
     for path in ckpts:
         ck = torch.load(path, map_location="cpu", weights_only=False)
-        wide = _widen_cuda_rng(ck, 8)
-        widened |= wide != ck if not isinstance(ck, dict) else json.dumps(str(wide)) != json.dumps(str(ck))
-        torch.save(wide, path)
+        if _widen_cuda_rng(ck, 8):
+            widened = True
+            torch.save(ck, path)
     second = train(p, "simclr", root=root, max_steps=4)
     return {"saved_at": first.get("stopped_at_step"), "resumed_to": second.get("stopped_at_step"),
             "cuda_rng_states_widened_to_8": widened, "device_count": torch.cuda.device_count(),

@@ -4,16 +4,19 @@
     python benchmarks/memory.py --presets stl10    # one preset (merged into the existing table)
 
 Method: MEASURED ON THE CPU AT REDUCED BATCH AND EXTRAPOLATED LINEARLY. The trainer's own `train_step` (method
-forward with heads and losses, backward, optimizer step, EMA/queue updates) runs once after a warm-up step in fp32 (every
-activation at 4 bytes; the first run of each preset is also traced under bf16 autocast at the smaller batch, and
-`amp_over_fp32` records how the AMP step compares), on synthetic final views of the preset's sizes, at two small per-GPU batches b1 < b2; a
-`TorchDispatchMode` (`LiveBytes`) adds up the bytes of every live tensor storage (parameters, buffers, queues,
-gradients, optimizer state, saved activations, temporaries) after every op and keeps the peak. Peak memory is
-a + s*b (weights, state and queues do not grow with the batch; activations and per-sample temporaries grow
-linearly), so the per-GPU peak is a + s*(batch per GPU), plus the DDP gradient buckets (one more copy of the
-gradients) when the run spans several GPUs. The fit's linearity is checked on each preset's smallest run by a
-third measurement at 2*b2 (`validation`: predicted vs measured; any quadratic term, e.g. SimCLR's (2b)^2
-logits, shows there).
+forward with heads and losses, backward, optimizer step, EMA/queue updates) runs on synthetic final views of the
+preset's sizes at two small per-GPU batches b1 < b2, each a tracked step after an untracked warm-up step (which
+creates the optimizer state a running trainer holds). A `TorchDispatchMode` (`LiveBytes`) adds up the bytes of
+every live tensor storage (parameters, buffers, queues, gradients, optimizer state, activations saved for the
+backward, temporaries) after every op and keeps the peak. Peak memory is a + s*b (weights, state and queues do
+not grow with the batch; activations and per-sample temporaries do), so the per-GPU peak is a + s*(batch per GPU),
+plus the DDP gradient buckets (one more copy of the gradients) when the run spans several GPUs.
+The steps are traced in fp32 (fast on any CPU; CPU autocast in bf16 is slow without bf16 units). The AMP step
+holds its activations in 2-byte types: the first run of each backbone in a preset is also traced under bf16
+autocast at b1, and the ratio of its activation bytes to fp32's, (amp - a) / (fp32(b1) - a), scales the
+activations of every run of that backbone (`amp_peak_gib`, what the fit uses; never below 0.5). That run is also
+measured at 2*b2 to check
+the linear fit (`validation.relative_error`; a quadratic term such as SimCLR's (2b)^2 logits would show there).
 
 Why not fake tensors on a fake CUDA device: CUDA autocast is disabled where CUDA is absent (so the trace would be
 fp32), modules cannot be moved to a fake device in place, and the methods read small buffers on the host
@@ -172,10 +175,10 @@ def activation_ratio(row: dict) -> float:
 def fit_preset(p: dict, rows: dict) -> None:
     """Each run's AMP peak per GPU (the fp32 trace's activations scaled by the preset's measured AMP ratio, never
     below 0.5: bf16 halves at best) and whether it fits the preset's stated memory per GPU."""
-    ratios = [activation_ratio(r) for r in rows.values() if "validation" in r]
-    ratio = max([0.5, *ratios])
     for run, row in rows.items():
         s = row["shape"]
+        ratios = [activation_ratio(r) for r in rows.values() if "validation" in r and r["shape"]["backbone"] == s["backbone"]]
+        ratio = max([0.5, *ratios])
         amp = row["fixed_bytes"] + ratio * row["bytes_per_image"] * s["batch_per_gpu"] + row["ddp_bucket_bytes"]
         row["amp_activation_ratio"] = ratio if s["amp"] != "off" else 1.0
         row["amp_peak_gib"] = (amp if s["amp"] != "off" else row["peak_gib"] * GIB) / GIB
@@ -212,12 +215,15 @@ def main(argv=None) -> None:
         p = load_preset(name)
         rows = table["presets"].get(name, {})
         runs = [r for r in trained_runs(p) if a.runs is None or r in a.runs]
-        for i, run in enumerate(runs):
+        backbones_seen: list = []
+        for run in runs:
             shape = step_shape(p, run)
             same = measured_key(p, run, shape)
+            check = shape["backbone"] not in backbones_seen   # the first run of each backbone: AMP ratio, linearity
+            backbones_seen.append(shape["backbone"])
             old = next((r for r in [rows.get(run), *rows.values(), *done.values()]
-                        if r and r.get("key") == same and (i or "validation" in r)), None)
-            row = rescale(old, shape, p, run) if old and not a.remeasure else estimate(p, run, validate=i == 0)
+                        if r and r.get("key") == same and (not check or "validation" in r)), None)
+            row = rescale(old, shape, p, run) if old and not a.remeasure else estimate(p, run, validate=check)
             row["key"] = same
             done[same] = row
             rows[run] = row

@@ -51,3 +51,10 @@ def test_the_whole_dry_run_passes(tmp_path):
               for k, v in doc["checks"].items() if not v["ok"]}
     assert rc == 0 and doc["ok"], failed
     assert set(doc["checks"]) == {"method_steps", "step_vs_bare", "knn", "fp32_features", "features", "loader_cores", "resume"}
+
+
+def test_a_checkpoint_is_made_to_look_saved_on_8_gpus():
+    """The resume item's setup for defect 4: every CUDA RNG state list becomes 8 long; CPU checkpoints have none."""
+    ck = {"rng": {"torch": 1, "cuda": ["s0"]}, "model": {"w": 2}}
+    assert gpu_check._widen_cuda_rng(ck, 8) and ck["rng"]["cuda"] == ["s0"] * 8
+    assert not gpu_check._widen_cuda_rng({"rng": {"cuda": []}}, 8)
