@@ -67,6 +67,14 @@ class LiveBytes(TorchDispatchMode):
     def track(self, t) -> None:
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return
+        if t.layout == torch.sparse_coo:   # no storage of its own: its indices and values hold the bytes
+            for part in (t._indices(), t._values()):
+                self.track(part)
+            return
+        if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+            for part in (t.crow_indices(), t.col_indices(), t.values()):
+                self.track(part)
+            return
         storage = t.untyped_storage()
         key = storage._cdata
         if key in self.refs:
@@ -133,6 +141,9 @@ def param_bytes(p: dict, run: str) -> int:
 def estimate(p: dict, run: str, validate: bool = False) -> dict:
     shape = step_shape(p, run)
     b1, b2 = SMALL.get(shape["image_size"], SMALL[224])
+    need = method_config(p, run)[1].get("rank_k", 0) + 2   # GSSSL's rank-k triplet needs more images than k
+    if b1 < need:
+        b1, b2 = need, 2 * need
     m1, m2, *m3 = measure_peaks(p, run, [b1, b2, 2 * b2] if validate else [b1, b2])
     slope = (m2 - m1) / (b2 - b1)
     fixed = m1 - slope * b1

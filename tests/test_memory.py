@@ -36,3 +36,12 @@ def test_live_bytes_counts_what_autograd_keeps_for_the_backward():
         del loss
     assert live.now == 4000     # only the gradient is left
     assert live.peak >= 4000 + 4 + 4000
+
+
+def test_live_bytes_counts_a_sparse_tensor_by_its_indices_and_values():
+    """PW-Self's patch targets are sparse (torch.sparse.mm): 3 non-zeros = 2 x 3 int64 indices + 3 float32 values."""
+    live = LiveBytes()
+    with live:
+        s = torch.sparse_coo_tensor(torch.tensor([[0, 1, 2], [2, 0, 1]]), torch.ones(3), (3, 3)).coalesce()
+        assert live.now >= 2 * 3 * 8 + 3 * 4
+    del s
