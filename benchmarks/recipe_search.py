@@ -46,7 +46,8 @@ from pipeline.eval.knn import knn_accuracy  # noqa: E402
 from pipeline.models.encoder_io import load_encoder  # noqa: E402
 from pipeline.train.checkpoint import RunPaths  # noqa: E402
 from pipeline.train.trainer import train  # noqa: E402
-from pipeline.utils import atomic_write_json, pick_device  # noqa: E402
+from pipeline.device import claim_device  # noqa: E402
+from pipeline.utils import atomic_write_json  # noqa: E402
 
 K, TEMPERATURE = 200, 0.1
 CROP_MIN = (0.08, 0.2, 0.35)
@@ -144,7 +145,7 @@ def main() -> None:
         for r in a.runs:
             p["methods"][P.run_spec(p, r)["method"]].get("train", {}).pop("batch_size", None)
         a.bank, a.queries = 32, 16
-    validation = Validation(p, shard_dir, a.bank, a.queries, pick_device())
+    validation = Validation(p, shard_dir, a.bank, a.queries, claim_device())
     out = Path(a.out)
     table = {} if a.quick or not out.exists() else json.loads(out.read_text())
     rows = table.setdefault("rows", [])

@@ -152,7 +152,8 @@ def _pretrain(p: dict, name: str, inst: dict) -> dict:
         deps.append(paths.pairs(ds).as_posix())
         prm.append("mine")
     return {
-        "cmd": f"{p['launcher']} -m stages.pretrain {name}",
+        # fixed: the stage re-executes itself under the launcher (pipeline/launch.py), a runtime setting
+        "cmd": f"python -m stages.pretrain {name}",
         "deps": deps, "params": prm,
         # every output cached (none in git): DVC's run-cache can then restore the whole stage
         "outs": [paths.encoder(name).as_posix(), paths.train_summary(name).as_posix(), paths.train_curve(name).as_posix()],

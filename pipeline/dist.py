@@ -61,8 +61,9 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from all ranks along dim 0, in rank order (for queues and support sets)."""
     if not is_dist():
         return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
+    x = x.contiguous()   # sent and received alike: an empty_like of a channels_last batch would not be
+    parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(world_size())]
+    dist.all_gather(parts, x)
     return torch.cat(parts, dim=0)
 
 

@@ -50,12 +50,17 @@ TRAIN_KEYS: dict[str, Validator] = {
     "weight_decay_end": Float(0), "knn_monitor": List(Int(0), 2), "knn_monitor_every": Int(1), "sync_every": Int(1),
     # global: one norm over all gradients; per_param: each parameter's own (DINO's and PW-Self's code), see optim.py
     "grad_clip_mode": Str(("global", "per_param")),
+    # CUDA only: deterministic kernels (default true; false lets cuDNN benchmark): README, Scale-out
+    "deterministic": Bool(),
+    # the GPUs (ranks) the batch is split over (per-GPU BN batch: a real param) and the memory per GPU the
+    # preset is sized for (runtime: benchmarks/memory.py checks the fit)
+    "gpus": Int(1), "gpu_memory_gib": Float(0, open_min=True),
 }
 # train keys that change how fast a run goes, never what it computes: no stage depends on them, and a run
 # may resume with other values
-RUNTIME_TRAIN_KEYS = ("num_workers", "checkpoint_every", "sync_every")
+RUNTIME_TRAIN_KEYS = ("num_workers", "checkpoint_every", "sync_every", "gpu_memory_gib")
 TRAIN = Section(TRAIN_KEYS, optional=("lr_scaling", "weight_decay_end", "knn_monitor", "knn_monitor_every", "sync_every",
-                                      "grad_clip_mode"))
+                                      "grad_clip_mode", "deterministic", "gpus", "gpu_memory_gib"))
 RUN = Section({"method": Str(), "backbone": Str(), "overrides": lambda v, k: v}, optional=("overrides",))
 PAIR_KINDS = ("semantic", "random")
 # a run trained on the original images plus a pair set of the mine stage (SePP-ID §3.2)
@@ -103,7 +108,7 @@ def validate(raw: dict, methods=None) -> dict:
     """
     if not isinstance(raw, dict):
         raise ParamError("params: expected a mapping at the top level")
-    p = Section(TOP, optional=("seeds",))(copy.deepcopy(raw), "")
+    p = Section(TOP, optional=("seeds", "launcher"))(copy.deepcopy(raw), "")
     from pipeline.methods import registry
 
     for name in p["methods"]:
@@ -143,6 +148,11 @@ def validate(raw: dict, methods=None) -> dict:
             raise ParamError(f"report.controls.{control}: not a run under runs or pair_runs (have: {', '.join(every_run)})")
         if paper not in beside:
             raise ParamError(f"report.controls.{control}: {paper!r} is not a paper run of report.beside (have: {', '.join(beside)})")
+    for run in every_run:   # each GPU gets an equal share of the batch (issue 23: GSSSL's 100 over 8 GPUs did not)
+        train = method_config(p, run)[2]
+        if train["batch_size"] % train.get("gpus", 1):
+            raise ParamError(f"{run}: train.batch_size {train['batch_size']} does not split over train.gpus "
+                             f"{train['gpus']} (set a batch divisible by the GPUs, or other GPUs)")
     m = p["mine"]
     if m["encoder_run"] not in p["runs"]:
         # a pair run cannot mine: its own training would depend on the pairs it mines (a cycle)

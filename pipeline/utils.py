@@ -98,10 +98,3 @@ def atomic_write_json(obj, path: str | Path) -> None:
 
 def atomic_torch_save(obj, path: str | Path) -> None:
     atomic_write_with(path, lambda f: torch.save(obj, f))
-
-
-def pick_device() -> torch.device:
-    """CUDA when present (the local rank's GPU under torchrun), else CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")

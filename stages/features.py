@@ -6,16 +6,19 @@ and reused by every evaluation protocol: `<split>.npy` (float32, memory-mapped),
 Under torchrun every rank extracts a contiguous share of the batches and rank 0 writes them in order.
 """
 from pipeline import params, paths
+from pipeline.launch import relaunch
 from pipeline.cli import main, params_and_run
 from pipeline.data.eval_view import DEFAULT_CROP_RATIO
 from pipeline.data.shards import read_manifest
 from pipeline.eval.features import extract_features_to
 from pipeline.models.encoder_io import load_encoder
 from pipeline import dist
-from pipeline.utils import naming_disk_full, pick_device, remove_stale_temps
+from pipeline.device import claim_device
+from pipeline.utils import naming_disk_full, remove_stale_temps
 
 
 def run(argv):
+    relaunch("stages.features", argv)   # the launcher is a runtime setting (pipeline/launch.py)
     p, name = params_and_run(argv, "features")
     ds, ev = p["dataset"], p["evaluate"]
     shard_dir = paths.shards(ds["name"])
@@ -26,7 +29,7 @@ def run(argv):
         raise params.DataError(f"{encoder}: trained at image_size {state['image_size']}, "
                                f"params say dataset.image_size {ds['image_size']}; rerun its pretrain stage (dvc repro)")
     dist.init_from_env()
-    device = pick_device()
+    device = claim_device()
     out = paths.features(name)
     if dist.is_main() and out.is_dir():
         remove_stale_temps(out)   # a killed run's temp files: DVC caches this directory whole

@@ -5,18 +5,23 @@ lies in [mine.min_sim, mine.max_sim], writes them (and the random control) as pa
 """
 import sys
 
-from pipeline import params, paths
+from pipeline import dist, params, paths
+from pipeline.launch import relaunch
 from pipeline.cli import main
 from pipeline.mining.sampler import mine
 from pipeline.utils import atomic_write_json, naming_disk_full
 
 
 def run(argv):
+    relaunch("stages.mine", argv)   # the launcher is a runtime setting (pipeline/launch.py)
     if argv:
         raise params.ParamError("usage: python -m stages.mine  (settings under mine: in params.yaml)")
     p = params.load(methods=())   # no method code: the encoder artifact is self-contained
+    dist.init_from_env()   # under the launcher the ranks share the encoding (pipeline.mining.sampler.mine)
     with naming_disk_full(paths.pairs(p["dataset"]["name"])):   # the pair shards' tar writer names no file
         metrics = mine(p)
+    if metrics is None:
+        return
     atomic_write_json(metrics, paths.mine_metrics())
     s = metrics["semantic"]
     acc = "n/a" if s["pair_accuracy"] is None else f"{100 * s['pair_accuracy']:.1f}%"

@@ -217,3 +217,64 @@ def test_the_imagenet1k_views_of_simclr_and_byol_are_their_own(params):
         method = build_method(small, run)[0]
         assert method.augment["color_jitter"] == jitter, run
         assert method.augment["crop_scale"] == ([0.2, 1.0] if run == "mocov2" else [0.08, 1.0]), run
+
+
+# --- every GPU preset states its GPUs and fits them (issue 23, defect 12 / deliver 2) -------------------------
+
+GPU_PRESETS = ("gpu-resnet18", "imagenet1k", "imagenet100", "stl10", "cifar10-vit")
+
+
+def _memory_table() -> dict:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parent.parent / "benchmarks/results/memory-presets.json").read_text())
+
+
+@pytest.mark.parametrize("name", GPU_PRESETS)
+def test_every_gpu_run_states_its_gpus_and_fits_them(name):
+    """Every run that trains states its GPUs and memory per GPU; the recorded peak (benchmarks/memory.py) is for
+    the preset's current step shape and fits the stated memory (with the script's margin)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from gpu_presets import load_preset, step_shape, trained_runs
+    from memory import FRAGMENTATION, MARGIN_GIB
+
+    p = load_preset(name)
+    rows = _memory_table()["presets"][name]
+    for run in trained_runs(p):
+        train = method_config(p, run)[2]
+        assert "gpus" in train and "gpu_memory_gib" in train, f"{name}/{run}: states no train.gpus / gpu_memory_gib"
+        assert run in rows, f"{name}/{run}: not in memory-presets.json (python benchmarks/memory.py --presets {name})"
+        row = rows[run]
+        assert row["shape"] == json_safe(step_shape(p, run)), \
+            f"{name}/{run}: memory-presets.json is stale for this step (python benchmarks/memory.py --presets {name})"
+        assert row["amp_peak_gib"] * FRAGMENTATION + MARGIN_GIB <= train["gpu_memory_gib"], \
+            f"{name}/{run}: {row['amp_peak_gib']:.1f} GiB per GPU does not fit {train['gpu_memory_gib']} GiB"
+
+
+def json_safe(x):
+    import json
+
+    return json.loads(json.dumps(x))
+
+
+def test_the_memory_extrapolation_is_linear_where_checked():
+    """Each preset's first run was measured at a third, larger batch: the linear fit predicts it."""
+    for name, rows in _memory_table()["presets"].items():
+        checked = [r["validation"] for r in rows.values() if "validation" in r]
+        assert checked, name
+        assert all(abs(v["relative_error"]) < 0.05 for v in checked), (name, checked)
+
+
+def test_a_batch_that_does_not_split_over_its_gpus_is_a_clear_error():
+    """GSSSL's batch 100 over 8 GPUs (issue 23, defect 12): one line naming the run and both keys."""
+    from pipeline.params import ParamError
+    from pipeline.profile import resolve
+
+    raw = resolve("gpu-resnet18")
+    raw["methods"]["gsssl"]["train"]["gpus"] = 8
+    with pytest.raises(ParamError, match=r"gsssl: train.batch_size 100 does not split over train.gpus 8"):
+        validate(raw)

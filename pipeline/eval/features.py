@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline.data.eval_view import DEFAULT_CROP_RATIO, eval_transform
+from pipeline.device import full_fp32
 from pipeline.data.shards import group_samples, image_of, read_manifest
 from pipeline.errors import DataError
 from pipeline.eval.feature_cache import MemmapRows, feature_paths, write_labels_keys
@@ -139,9 +140,12 @@ def _extract(backbone: nn.Module, shard_dir, split: str, image_size: int, mean, 
     # bf16 autocast only on CUDA: CPU bf16 matmuls are slow on most CPUs and change the numbers
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and bf16
                 else contextlib.nullcontext())
+    # bf16=False means fp32 on any device (mining): cuDNN's convolutions default to TF32 on CUDA, so turn it off
+    # (issue 23, defect 9); under bf16 autocast it keeps the ops autocast leaves in fp32 exact as well
+    precision = full_fp32() if device.type == "cuda" else contextlib.nullcontext()
     out, written, D = None, 0, 0
     batches_in = iter(loader)
-    with tqdm(total=n, desc=f"features {split}", unit="img", dynamic_ncols=True, disable=rank != 0) as bar:
+    with precision, tqdm(total=n, desc=f"features {split}", unit="img", dynamic_ncols=True, disable=rank != 0) as bar:
         for _ in range(steps):
             batch = next(batches_in, None)
             rows, feats = torch.empty(0, dtype=torch.int64), None

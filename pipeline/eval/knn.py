@@ -19,7 +19,7 @@ import contextlib
 import numpy as np
 import torch
 
-from pipeline.utils import pick_device
+from pipeline.device import claim_device, full_fp32
 
 # 2048 x 65536 float32 similarities = 512 MiB per block: large enough that the matmul, not top-k or
 # the merge, dominates (see benchmarks/eval_scale.py), small enough for a 24 GiB machine
@@ -33,18 +33,10 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)   # an all-zero feature stays zero instead of becoming NaN
 
 
-@contextlib.contextmanager
 def exact_fp32_matmul(device: torch.device):
-    """Full float32 matmuls on CUDA (no TF32), so device results match the CPU's up to rounding."""
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    before = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = before
+    """Full float32 matmuls and convolutions on CUDA (no TF32), so device results match the CPU's up to rounding.
+    On any torch the project allows (`pipeline.device.full_fp32` picks the API this torch has)."""
+    return full_fp32() if torch.device(device).type == "cuda" else contextlib.nullcontext()
 
 
 def rows_to_device(x, start: int, stop: int, device: torch.device) -> torch.Tensor:
@@ -75,7 +67,7 @@ def nearest_neighbours(train, query, k: int, device=None, query_block: int | Non
     `train` / `query`: arrays, memmaps or tensors. The bank is read once, chunk by chunk, normalised as
     it is read; the queries are normalised once and held on the device. A k larger than the bank uses all of it.
     """
-    device = torch.device(device) if device is not None else pick_device()
+    device = torch.device(device) if device is not None else claim_device()
     query_block, bank_chunk = query_block or QUERY_BLOCK, bank_chunk or BANK_CHUNK
     n_train, n_query = len(train), len(query)
     k = min(int(k), n_train)

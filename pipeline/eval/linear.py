@@ -26,7 +26,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 
 from pipeline.eval.knn import exact_fp32_matmul
-from pipeline.utils import pick_device
+from pipeline.device import claim_device
 
 CHUNK_ROWS = 32768          # rows per objective/gradient chunk: bounds the (rows, classes) logits
 DEVICE_FRACTION = 0.5       # the standardised copy goes on the device if it takes at most this share of free memory
@@ -87,7 +87,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             raise ValueError(f"SoftmaxRegression.fit: expected a non-empty 2-D X, got shape {getattr(X, 'shape', None)}")
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         self.n_features_in_ = X.shape[1]
-        dev = torch.device(self.device) if self.device is not None else pick_device()
+        dev = torch.device(self.device) if self.device is not None else claim_device()
         self.mean_, self.scale_ = self._standardisation(X, rows, n)
         data = self._device_copy(X, rows, n, dev)
         self.solver_ = "lbfgs-device" if data is not None else "lbfgs-streamed"
@@ -228,7 +228,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         """Logits (n, classes) computed on standardised features in chunks, as in training."""
         if not hasattr(self, "classes_"):
             raise ValueError("SoftmaxRegression: call fit before predicting")
-        dev = torch.device(self.device) if self.device is not None else pick_device()
+        dev = torch.device(self.device) if self.device is not None else claim_device()
         w, b = torch.from_numpy(self._w_std).to(dev), torch.from_numpy(self._b_std).to(dev)
         out = []
         with exact_fp32_matmul(dev):

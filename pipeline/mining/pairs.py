@@ -10,13 +10,12 @@ pairs are the same on any device.
 """
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.utils import pick_device
+from pipeline.device import claim_device, full_fp32
 
 _EMPTY = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
 
@@ -52,17 +51,6 @@ def _exact_sims(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, chunk_elems: 
     return out.float()
 
 
-@contextlib.contextmanager
-def _full_fp32_matmul():
-    """Full float32 matmuls (no TF32 on CUDA): TF32's 10-bit mantissa would break the candidate slack bound."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
-
-
 def _top_per_anchor(a: np.ndarray, p: np.ndarray, s: np.ndarray, m: int):
     """Keep each anchor's m most similar positives; equal similarities keep the lower positive index."""
     order = np.lexsort((p, -s, a))  # by anchor, then similarity descending, then positive index
@@ -86,7 +74,7 @@ def mine_pairs(emb, lo: float, hi: float, block: int = 4096, max_per_anchor: int
         depend on `block` (candidates from the float32 matmul are re-scored per pair, see _exact_sims).
     max_per_anchor: 0 (the paper) keeps every positive; m > 0 keeps each anchor's m most similar
         positives, ties broken by the lower positive index (deterministic).
-    device: where the block matmuls and the candidate search run (None: `pick_device()`, the GPU when
+    device: where the block matmuls and the candidate search run (None: `claim_device()`, the GPU when
         present); the block buffer, the (K, D) normalised copy and the search temporaries live there. The
         result does not depend on it: candidates are re-scored on the CPU from the same normalised rows.
     Returns (anchor int64, positive int64, similarity float32), sorted by (anchor, positive).
@@ -106,7 +94,7 @@ def mine_pairs(emb, lo: float, hi: float, block: int = 4096, max_per_anchor: int
     # float32 dot products of unit vectors are off by at most ~D * 2^-24; the slack keeps every pair whose
     # exact similarity reaches lo among the candidates (the exact re-score then decides)
     cand_thr = float(lo32) - (2.0 * D * 2.0 ** -24 + 1e-6)
-    dev = torch.device(device) if device is not None else pick_device()
+    dev = torch.device(device) if device is not None else claim_device()
     xd = x.to(dev)
     sims_buf = torch.empty(block * K, dtype=torch.float32, device=dev)  # reused: no block x K allocation per block
     sub_rows = max(1, (1 << 24) // K)  # rows re-scanned at once: <= 16M elements of temporaries
@@ -116,7 +104,7 @@ def mine_pairs(emb, lo: float, hi: float, block: int = 4096, max_per_anchor: int
         e = min(s + block, K)
         rows, cols = e - s, K - s
         sims = sims_buf[:rows * cols].view(rows, cols)
-        with _full_fp32_matmul():
+        with full_fp32():  # TF32's 10-bit mantissa would break the candidate slack bound
             torch.mm(xd[s:e], xd[s:].T, out=sims)
         sims[:, :rows].diagonal().fill_(-2.0)  # self-similarity: never a pair, and would make every row match
         # pairs are sparse: one max pass over the block finds the few rows that hold any candidate, and only

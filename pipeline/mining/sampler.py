@@ -31,7 +31,8 @@ from pipeline.mining.io import write_pairs
 from pipeline.mining.pairs import mine_pairs, pair_metrics, random_pairs
 from pipeline.models.encoder_io import load_encoder, load_head
 from pipeline.errors import DataError, ParamError
-from pipeline.utils import pick_device
+from pipeline import dist
+from pipeline.device import claim_device
 
 HIST_BINS = 20
 PARQUET = {"semantic": "pairs.parquet", "random": "random.parquet"}
@@ -93,9 +94,10 @@ def embed_chosen(p: dict, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
                         f"{ds['image_size']}; rerun its pretrain stage (dvc repro)")
     ev = p["evaluate"]  # the eval view and its loader workers, as the features stage uses them
     feats, labels, keys = extract_features(encoder, shard_dir, "train", ds["image_size"], ds["mean"], ds["std"],
-                                           m["batch_size"], pick_device(), limit=len(pool), positions=positions, bf16=False,
+                                           m["batch_size"], claim_device(), limit=len(pool), positions=positions, bf16=False,
                                            num_workers=ev.get("num_workers", 0),
-                                           crop_ratio=ev.get("crop_ratio", DEFAULT_CROP_RATIO))
+                                           crop_ratio=ev.get("crop_ratio", DEFAULT_CROP_RATIO),
+                                           distributed=dist.is_dist())   # under the launcher: every rank encodes a share
     if len(keys) != len(positions):
         raise DataError(f"{shard_dir}/train: {len(keys)} of the {len(positions)} chosen images read; rerun: dvc repro -f shard")
     return feats, labels, np.asarray([index_of_key(k) for k in keys], np.int64), pool
@@ -118,18 +120,21 @@ def random_control(m: dict, n: int, feats: np.ndarray, K_idx: np.ndarray, pool) 
     return ra, rp, rsim, metrics
 
 
-def mine(p: dict, root: str | Path = ".") -> dict:
-    """Run the mine stage for params `p` under `root`; returns the metrics (the stage script writes them)."""
+def mine(p: dict, root: str | Path = ".") -> dict | None:
+    """Run the mine stage for params `p` under `root`; returns the metrics (the stage script writes them).
+    Under torchrun every rank encodes a share of the K images; rank 0 mines and writes (the others return None)."""
     root = Path(root)
     m, ds = p["mine"], p["dataset"]
     shard_dir = root / paths.shards(ds["name"])
     t0 = time.perf_counter()
     feats, labels, K_idx, pool = embed_chosen(p, root)
     t_encode = time.perf_counter() - t0
+    if not dist.is_main():
+        return None   # under the launcher the ranks shared the encoding; rank 0 mines and writes alone
 
     t0 = time.perf_counter()  # Algorithm 1, lines 10-21, blockwise
     a, q, sim = mine_pairs(feats, m["min_sim"], m["max_sim"], block=m["block"], max_per_anchor=m["max_per_anchor"],
-                           progress=True, device=pick_device())
+                           progress=True, device=claim_device())
     t_mine = time.perf_counter() - t0
     edges = np.linspace(m["min_sim"], m["max_sim"], HIST_BINS + 1) if m["max_sim"] > m["min_sim"] else 1
     semantic = pair_metrics(a, q, labels, K=len(K_idx), sims=sim, bins=edges)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import math
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from pipeline.params import RUNTIME_TRAIN_KEYS, base_run, method_config, run_spe
 from pipeline import dist, faults
 from pipeline.train.checkpoint import Checkpointer, Progress, RunPaths, fingerprint, numerics, seed_everything
 from pipeline.train.optim import build_optimizer, clip_gradients, cosine_ramp, lr_at, peak_lr, set_lr, set_weight_decay
-from pipeline.utils import atomic_write_json, atomic_write_text, pick_device
+from pipeline.device import claim_device, set_deterministic
+from pipeline.utils import atomic_write_json, atomic_write_text
 
 # train keys that change how fast a run goes (or what it reports), not what it computes: they may differ on resume
 _RUNTIME_KEYS = (*RUNTIME_TRAIN_KEYS, "knn_monitor", "knn_monitor_every")   # the monitor changes no weight either
@@ -61,6 +63,11 @@ def open_batches(stream, progress: Progress, epochs: int, num_workers: int, pin_
     """Every batch from the resume point to the end of training, through ONE loader (workers live all run)."""
     stream.start_at(progress.epoch, progress.step_in_epoch, epochs)
     return make_loader(stream, num_workers, pin_memory)
+
+
+def apply_determinism(train_cfg: dict, device: torch.device) -> None:
+    """`train.deterministic` (default on): deterministic cuDNN/cuBLAS/torch kernels on CUDA (pipeline.device)."""
+    set_deterministic(train_cfg.get("deterministic", True), device)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -204,12 +211,13 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
 
 def _train(p: dict, run: str, root: Path, max_steps: int | None, paths: RunPaths | None, loaders: list) -> dict:
     dist.init_from_env()
-    device = pick_device()
+    device = claim_device()   # under `dvc queue start -j N`: a GPU no other job holds
     spec = run_spec(p, run)
     paths = paths or RunPaths.for_run(root, p["dataset"]["name"], run, spec.get("pairs"))
     seed = training_seed(p, run)   # a run instance's own seed (`simclr-s1`: 1)
     seed_everything(seed)
     method, train_cfg, backbone_cfg = build_method(p, run)
+    apply_determinism(train_cfg, device)
     world = dist.world_size()
     image_size = p["dataset"]["image_size"]
     if not (paths.shards / "meta.json").exists():
@@ -226,6 +234,8 @@ def _train(p: dict, run: str, root: Path, max_steps: int | None, paths: RunPaths
         return _finish(method, backbone_cfg, image_size, paths, summary, device, trained=False)
     if train_cfg["batch_size"] % world:
         raise ParamError(f"train.batch_size: {train_cfg['batch_size']} is not divisible by the {world} ranks")
+    if train_cfg.get("gpus", world) != world and dist.is_main():   # the preset's per-GPU batch (and BN) is not this run's
+        print(f"warning: {run}: train.gpus is {train_cfg['gpus']}, the run has {world} rank(s)", file=sys.stderr, flush=True)
 
     stream = build_stream(p, train_cfg, method, paths, meta, seed)
     steps_per_epoch, epochs = stream.steps, train_cfg["epochs"]
