@@ -140,7 +140,8 @@ def _pretrain(p: dict, name: str, inst: dict) -> dict:
         "cmd": f"{p['launcher']} -m stages.pretrain {name}",
         "deps": deps, "params": prm,
         # every output cached (none in git): DVC's run-cache can then restore the whole stage
-        "outs": [paths.encoder(name).as_posix(), paths.train_summary(name).as_posix(), paths.train_curve(name).as_posix()],
+        "outs": [paths.encoder(name).as_posix(), paths.encoder_config(name).as_posix(), paths.train_summary(name).as_posix(),
+                 paths.train_curve(name).as_posix()],
     }
 
 
@@ -148,7 +149,8 @@ def _features(p: dict, name: str) -> dict:
     ds = p["dataset"]["name"]
     return {
         "cmd": f"python -m stages.features {name}",
-        "deps": code_deps("stages/features.py") + [paths.shards(ds).as_posix(), paths.encoder(name).as_posix()],
+        "deps": code_deps("stages/features.py") + [paths.shards(ds).as_posix(), paths.encoder(name).as_posix(),
+                                                   paths.encoder_config(name).as_posix()],
         "params": ["dataset.name", "dataset.image_size", "dataset.mean", "dataset.std", "evaluate.train_subset",
                    *_eval_view(p)],
         "outs": [paths.features(name).as_posix()],
@@ -183,7 +185,8 @@ def stages(p: dict) -> dict:
         "mine": {
             "cmd": "python -m stages.mine",
             "deps": code_deps("stages/mine.py") + [paths.shards(ds).as_posix(),
-                                                   paths.encoder(p["mine"]["encoder_run"]).as_posix()],
+                                                   paths.encoder(p["mine"]["encoder_run"]).as_posix(),
+                                                   paths.encoder_config(p["mine"]["encoder_run"]).as_posix()],
             "params": [*_keys(p, "mine"), "dataset.name", "dataset.image_size", "dataset.mean", "dataset.std",
                        "train.train_subset", "shard.samples_per_shard", *_eval_view(p)],
             "outs": [paths.pairs(ds).as_posix()],

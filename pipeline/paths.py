@@ -22,7 +22,23 @@ def pairs(dataset: str) -> Path:
 
 
 def encoder(run: str) -> Path:
-    return DATA / "models" / run / "encoder.pt"
+    """The encoder's weights (safetensors: `backbone.<timm key>` and `heads.<head>.<key>`); its config beside it."""
+    return DATA / "models" / run / "encoder.safetensors"
+
+
+def encoder_config(run: str) -> Path:
+    """The encoder's JSON config (architecture, timm name and kwargs, image size, mean/std, method, run, seed)."""
+    return encoder_config_of(encoder(run))
+
+
+def encoder_config_of(weights: str | os.PathLike) -> Path:
+    """The config beside an encoder's weights file (also for an encoder outside the project layout)."""
+    return Path(weights).with_suffix(".json")
+
+
+def export_dir(run: str) -> Path:
+    """`python -m pipeline.export <run>`: a timm-loadable folder (config.json + model.safetensors); no DVC output."""
+    return DATA / "exports" / run
 
 
 def train_summary(run: str) -> Path:

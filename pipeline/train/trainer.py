@@ -205,7 +205,7 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
         pairs_meta = read_pair_meta(paths.pairs)
         summary["pairs"] = spec["pairs"]
     if not trains:
-        return _finish(method, backbone_cfg, image_size, paths, summary, device, trained=False)
+        return _finish(method, backbone_cfg, image_size, paths, summary, device, trained=False, preprocess=_preprocess(p))
     if train_cfg["batch_size"] % world:
         raise ParamError(f"train.batch_size: {train_cfg['batch_size']} is not divisible by the {world} ranks")
 
@@ -312,10 +312,16 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
     if monitor is not None:  # kNN-200 top-1 before training and after each epoch (None where not monitored)
         summary["knn_monitor"] = [progress.knn_init] + [row.get("knn_top1") for row in progress.history]
         summary["knn_monitor_images"] = [monitor.train_images, monitor.test_images]
-    return _finish(method, backbone_cfg, image_size, paths, summary, device, trained=True)
+    return _finish(method, backbone_cfg, image_size, paths, summary, device, trained=True, preprocess=_preprocess(p))
 
 
-def _finish(method, backbone_cfg, image_size, paths: RunPaths, summary: dict, device, trained: bool) -> dict:
+def _preprocess(p: dict) -> dict:
+    """What the encoder's config records about its input (dataset.mean / std: params of the pretrain stage)."""
+    return {"mean": p["dataset"]["mean"], "std": p["dataset"]["std"]}
+
+
+def _finish(method, backbone_cfg, image_size, paths: RunPaths, summary: dict, device, trained: bool,
+            preprocess: dict | None = None) -> dict:
     """Write the encoder (weights and settings only: byte-identical for a bit-identical run) and the metrics."""
     summary.setdefault("steps", 0)
     summary.setdefault("wall_time_s", 0.0)
@@ -326,8 +332,8 @@ def _finish(method, backbone_cfg, image_size, paths: RunPaths, summary: dict, de
         from pipeline.models.encoder_io import save_encoder
 
         save_encoder(paths.encoder, method.encoder_to_export(), backbone_cfg, image_size,
-                     meta={k: summary[k] for k in ("run", "method", "backbone", "epochs", "steps", "pairs") if k in summary},
-                     heads=method.heads_to_export())
+                     meta={k: summary[k] for k in ("run", "method", "seed", "backbone", "epochs", "steps", "pairs") if k in summary},
+                     heads=method.heads_to_export(), preprocess=preprocess)
         if not trained:
             atomic_write_text("epoch,step,loss\n", paths.curve)  # untrained: an empty curve
         atomic_write_json(summary, paths.metrics)
