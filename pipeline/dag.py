@@ -178,7 +178,8 @@ def stages(p: dict) -> dict:
         "shard": {
             "cmd": "python -m stages.shard",
             "deps": code_deps("stages/shard.py"),
-            "params": ["seed", "dataset.name", "dataset.source", "dataset.root", *_keys(p, "shard")],
+            "params": ["seed", "dataset.name", "dataset.source",
+                       *[f"dataset.{k}" for k in ("root", "urls", "pretrain") if k in p["dataset"]], *_keys(p, "shard")],
             "outs": [paths.shards(ds).as_posix()],
             "metrics": [{paths.shard_metrics().as_posix(): {"cache": False}}],
         },

@@ -17,6 +17,11 @@ def shards(dataset: str) -> Path:
     return DATA / "shards" / dataset
 
 
+def remote_cache() -> Path:
+    """Local copies of remote webdataset shards (`pipeline.data.remote`); machine-local, no DVC output."""
+    return DATA / "cache" / "shards"
+
+
 def pairs(dataset: str) -> Path:
     return DATA / "pairs" / dataset
 

@@ -9,7 +9,7 @@ from pipeline.utils import atomic_write_json
 def run(argv):
     p = params.load(methods=())
     # dataset.root is machine-local: a relative one means the user's checkout, also from a `dvc exp` copy
-    dataset = {**p["dataset"], "root": str(paths.local_path(p["dataset"]["root"]))}
+    dataset = {**p["dataset"], **({"root": str(paths.local_path(p["dataset"]["root"]))} if "root" in p["dataset"] else {})}
     stats = write_shards(open_source(dataset), paths.shards(dataset["name"]), p["shard"]["samples_per_shard"],
                          p["seed"], p["shard"]["skip_corrupt"], p["shard"].get("max_images", 0),
                          workers=p["shard"].get("workers", 0))

@@ -146,7 +146,7 @@ def test_mine_layer_backbone_and_missing_projector(project):
     assert mine(seppid_params(), project)["feat_dim"] == 128  # the projector's output
     p = seppid_params(**{"mine.encoder_run": "random-resnet18_w8"})
     save_untrained_encoder(project, p, "random-resnet18_w8")
-    with pytest.raises(ParamError, match=r"^mine\.layer: 'projector', but .*random-resnet18_w8/encoder\.pt exports no projector"):
+    with pytest.raises(ParamError, match=r"^mine\.layer: 'projector', but .*random-resnet18_w8/encoder\.safetensors exports no projector"):
         mine(p, project)
     with pytest.raises(ParamError, match=r"mine\.k_frac: 0\.01 of 24 training images is 0 image"):
         mine(seppid_params(**{"mine.k_frac": 0.01}), project)

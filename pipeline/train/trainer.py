@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.data.loader import ShardStream, make_loader
-from pipeline.data.shards import read_meta, read_pair_meta
+from pipeline.data.shards import pretrain_split, read_meta, read_pair_meta
 from pipeline.methods import registry
 from pipeline.models.backbones import build_backbone
 from pipeline.errors import ParamError, PipelineError
@@ -52,9 +52,10 @@ def build_method(p: dict, run: str) -> tuple[nn.Module, dict, dict]:
 def build_stream(p: dict, train_cfg: dict, method, paths: RunPaths, meta: dict, seed: int) -> ShardStream:
     """This rank's training stream: the data order and augmentation of training seed `seed`."""
     world, rank = dist.world_size(), dist.rank()
+    split = pretrain_split(meta)   # dataset.pretrain: the unlabelled images, else the train split
     return ShardStream(paths.shards, method.views(), p["dataset"]["mean"], p["dataset"]["std"],
-                       train_cfg["batch_size"] // world, meta["counts"]["train"], train_cfg["batch_size"], seed,
-                       rank, world, subset=train_cfg["train_subset"], pairs_dir=paths.pairs)
+                       train_cfg["batch_size"] // world, meta["counts"][split], train_cfg["batch_size"], seed,
+                       rank, world, subset=train_cfg["train_subset"], split=split, pairs_dir=paths.pairs)
 
 
 def open_batches(stream, progress: Progress, epochs: int, num_workers: int, pin_memory: bool):
