@@ -166,7 +166,8 @@ def _evaluate(p: dict, name: str, inst: dict) -> dict:
                    *_keys(p, "evaluate", drop=("batch_size", "crop_ratio"))],
         # the git-tracked record of the run: its evaluation, and the pretrain stage's summary and curve published
         "metrics": [{paths.evaluate_metrics(name).as_posix(): {"cache": False}},
-                    {paths.pretrain_metrics(name).as_posix(): {"cache": False}}],
+                    {paths.pretrain_metrics(name).as_posix(): {"cache": False}},
+                    {paths.summary_metrics(name).as_posix(): {"cache": False}}],
         # the curve is a plain output: the top-level `plots:` draws it, once, beside every other run's
         "outs": [{paths.predictions(name).as_posix(): {"cache": False}}, {paths.curve(name).as_posix(): {"cache": False}}],
     }

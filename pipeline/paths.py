@@ -83,6 +83,11 @@ def evaluate_metrics(run: str) -> Path:
     return REPORTS / "metrics" / "evaluate" / f"{run}.json"
 
 
+def summary_metrics(run: str) -> Path:
+    """One short row per run (kNN-200, linear, semi 1 % / 10 %, views/s, seed): `pipeline.eval.summary`."""
+    return REPORTS / "metrics" / "summary" / f"{run}.json"
+
+
 def predictions(run: str) -> Path:
     return REPORTS / "predictions" / f"{run}.parquet"
 

@@ -19,6 +19,9 @@ seeds: {{runs: []}}
 """
 
 
+EXP_SHOW = r"dvc exp show --no-pager --drop '^(?!Experiment$|reports/metrics/summary/{run}\.json:|{run}\.)'"
+
+
 def sh(cmd: str, cwd) -> str:
     r = subprocess.run(cmd, cwd=cwd, shell=True, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"{cmd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
@@ -45,3 +48,7 @@ def test_a_fresh_clone_pulls_everything_and_reruns_nothing(tmp_path):
     assert "Running stage" not in out, out[-3000:]
     assert (b / "data/models/random-resnet18_w8/encoder.safetensors").read_bytes() == \
         (a / "data/models/random-resnet18_w8/encoder.safetensors").read_bytes()
+    # README "Reading results": one run's summary per experiment, in a 160-column terminal
+    table = sh(f"COLUMNS=160 {EXP_SHOW.format(run='simclr')}", b)
+    assert "simclr.knn200" in table and "simclr.views_s" in table and "…" not in table, table
+    assert max(len(line) for line in table.splitlines()) <= 160
