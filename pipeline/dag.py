@@ -219,7 +219,10 @@ def stages(p: dict) -> dict:
 def top_level_plots(p: dict) -> list[dict]:
     """One chart per curve, every run overlaid (so `dvc plots diff` between experiments overlays them too)."""
     insts = list(P.instances(p))
-    loss = {"x": "epoch", "y": {paths.curve(n).as_posix(): "loss" for n in insts}, "title": "Pretraining loss per epoch"}
+    # loss over the run's first-epoch loss (stages/evaluate.py adds it): losses of different methods differ by
+    # orders of magnitude and in sign; relative to their start they share one axis
+    loss = {"x": "epoch", "y": {paths.curve(n).as_posix(): "loss_rel" for n in insts},
+            "title": "Pretraining loss / the run's first-epoch loss"}
     monitored = [n for n in insts if _monitored(p, n)]
     plots = [{"loss": loss}]
     if monitored:

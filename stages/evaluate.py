@@ -54,7 +54,12 @@ def publish_training_record(name: str) -> None:
     for src, dst in ((paths.train_summary(name), paths.pretrain_metrics(name)), (paths.train_curve(name), paths.curve(name))):
         if not src.exists():
             raise params.DataError(f"{src}: missing (run the pretrain stage first: dvc repro pretrain.{name})")
-        atomic_write_bytes(src.read_bytes(), dst)
+        data = src.read_bytes()
+        if dst == paths.curve(name):   # + loss_rel: every run's loss on one axis in `dvc plots show`
+            from pipeline.eval.summary import with_relative_loss
+
+            data = with_relative_loss(data.decode()).encode()
+        atomic_write_bytes(data, dst)
 
 
 def write_summary(p: dict, name: str, metrics: dict) -> None:
