@@ -241,7 +241,9 @@ HEADER = """\
 
 
 def render(p: dict) -> str:
-    doc = {"stages": stages(p), "plots": top_level_plots(p)}
+    # the live logs (pipeline.train.live): no stage's output, read from the workspace while a run trains
+    live = [(paths.live(n) / "metrics.json").as_posix() for n in P.instances(p)]
+    doc = {"stages": stages(p), "plots": top_level_plots(p), "metrics": live}
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
 
 

@@ -62,6 +62,11 @@ def checkpoints(run: str) -> Path:
     return DATA / "checkpoints" / run
 
 
+def live(run: str) -> Path:
+    """Live training logs in DVCLive's layout (`pipeline.train.live`): runtime only, no DVC output."""
+    return DATA / "live" / run
+
+
 def features(run: str) -> Path:
     return DATA / "features" / run
 

@@ -27,6 +27,8 @@ from pipeline.models.backbones import build_backbone
 from pipeline.errors import ParamError, PipelineError
 from pipeline.params import RUNTIME_TRAIN_KEYS, base_run, method_config, run_spec, training_seed
 from pipeline import dist
+from pipeline import paths as layout
+from pipeline.train.live import LiveLog
 from pipeline.train.checkpoint import Checkpointer, Progress, RunPaths, fingerprint, seed_everything
 from pipeline.train.optim import build_optimizer, cosine_ramp, lr_at, peak_lr, set_lr, set_weight_decay
 from pipeline.utils import atomic_write_json, atomic_write_text, pick_device
@@ -247,6 +249,7 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
         guard.check()  # a checkpoint never holds a step after a non-finite loss
         checkpoints.save(method, opt, scaler, progress)
 
+    live = LiveLog(root / layout.live(run), progress.step, enabled=dist.is_main())   # DVCLive's layout, as it trains
     if monitor is not None and progress.step == 0 and progress.knn_init is None:
         progress.knn_init = monitor_knn(0)
     method.train()
@@ -282,6 +285,7 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
                 clock()
                 bar.set_postfix(loss=f"{float(out['loss'].detach()):.4f}", lr=f"{opt.param_groups[0]['lr']:.3g}",
                                 views_s=f"{progress.epoch_views / max(progress.epoch_time_s, 1e-9):.0f}")
+                live.log(progress.step, "train", {"loss": float(out["loss"].detach()), "lr": opt.param_groups[0]["lr"]})
             epoch_done = progress.step_in_epoch == steps_per_epoch
             if epoch_done:
                 guard.check()
@@ -291,6 +295,7 @@ def train(p: dict, run: str, root: Path = Path("."), max_steps: int | None = Non
                 if monitor is not None and ((progress.epoch + 1) % monitor_every == 0 or last):
                     row["knn_top1"] = monitor_knn(progress.epoch + 1)
                 _next_epoch(progress, row)
+                live.log(progress.step, "epoch", row)
                 bar.set_description(f"{run} epoch {min(progress.epoch + 1, epochs)}/{epochs}")
                 if dist.is_main():
                     _write_curve(progress.history, paths.curve)
