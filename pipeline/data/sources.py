@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 from PIL import Image
 
+from pipeline.data import remote  # module level: every stage that reads sources imports it (DAG deps stay exact)
 from pipeline.errors import DataError, ParamError
 
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".bmp": "bmp", ".webp": "webp", ".ppm": "ppm"}
@@ -228,10 +229,9 @@ def stl10_local(root: str | Path, which) -> Source:
 def shard_records(urls, dataset: dict, key: str) -> list[Record]:
     """The samples of webdataset shards, in shard order then tar order: each sample's image member, its label
     from a `cls` member (-1 without). Remote shards are fetched once into a local cache (pipeline.data.remote)."""
-    from pipeline.data.remote import expand_urls, fetch_all
     from pipeline.data.shards import IMAGE_EXTS as SHARD_IMAGE_EXTS, TarIndex
 
-    local = fetch_all(expand_urls(urls, key), dataset.get("cache"))
+    local = remote.fetch_all(remote.expand_urls(urls, key), dataset.get("cache"))
     index = TarIndex(local)
     recs: list[Record] = []
     for i in range(len(index)):
