@@ -156,7 +156,8 @@ def _pretrain(p: dict, name: str, inst: dict) -> dict:
         "cmd": f"python -m stages.pretrain {name}",
         "deps": deps, "params": prm,
         # every output cached (none in git): DVC's run-cache can then restore the whole stage
-        "outs": [paths.encoder(name).as_posix(), paths.train_summary(name).as_posix(), paths.train_curve(name).as_posix()],
+        "outs": [paths.encoder(name).as_posix(), paths.encoder_config(name).as_posix(), paths.train_summary(name).as_posix(),
+                 paths.train_curve(name).as_posix()],
     }
 
 
@@ -164,7 +165,8 @@ def _features(p: dict, name: str) -> dict:
     ds = p["dataset"]["name"]
     return {
         "cmd": f"python -m stages.features {name}",
-        "deps": code_deps("stages/features.py") + [paths.shards(ds).as_posix(), paths.encoder(name).as_posix()],
+        "deps": code_deps("stages/features.py") + [paths.shards(ds).as_posix(), paths.encoder(name).as_posix(),
+                                                   paths.encoder_config(name).as_posix()],
         "params": ["dataset.name", "dataset.image_size", "dataset.mean", "dataset.std", "evaluate.train_subset",
                    *_eval_view(p)],
         "outs": [paths.features(name).as_posix()],
@@ -180,7 +182,8 @@ def _evaluate(p: dict, name: str, inst: dict) -> dict:
                    *_keys(p, "evaluate", drop=("batch_size", "crop_ratio"))],
         # the git-tracked record of the run: its evaluation, and the pretrain stage's summary and curve published
         "metrics": [{paths.evaluate_metrics(name).as_posix(): {"cache": False}},
-                    {paths.pretrain_metrics(name).as_posix(): {"cache": False}}],
+                    {paths.pretrain_metrics(name).as_posix(): {"cache": False}},
+                    {paths.summary_metrics(name).as_posix(): {"cache": False}}],
         # the curve is a plain output: the top-level `plots:` draws it, once, beside every other run's
         "outs": [{paths.predictions(name).as_posix(): {"cache": False}}, {paths.curve(name).as_posix(): {"cache": False}}],
     }
@@ -192,14 +195,16 @@ def stages(p: dict) -> dict:
         "shard": {
             "cmd": "python -m stages.shard",
             "deps": code_deps("stages/shard.py"),
-            "params": ["seed", "dataset.name", "dataset.source", "dataset.root", *_keys(p, "shard")],
+            "params": ["seed", "dataset.name", "dataset.source",
+                       *[f"dataset.{k}" for k in ("root", "urls", "pretrain") if k in p["dataset"]], *_keys(p, "shard")],
             "outs": [paths.shards(ds).as_posix()],
             "metrics": [{paths.shard_metrics().as_posix(): {"cache": False}}],
         },
         "mine": {
             "cmd": "python -m stages.mine",
             "deps": code_deps("stages/mine.py") + [paths.shards(ds).as_posix(),
-                                                   paths.encoder(p["mine"]["encoder_run"]).as_posix()],
+                                                   paths.encoder(p["mine"]["encoder_run"]).as_posix(),
+                                                   paths.encoder_config(p["mine"]["encoder_run"]).as_posix()],
             "params": [*_keys(p, "mine"), "dataset.name", "dataset.image_size", "dataset.mean", "dataset.std",
                        "train.train_subset", "shard.samples_per_shard", *_eval_view(p)],
             "outs": [paths.pairs(ds).as_posix()],
@@ -231,7 +236,10 @@ def stages(p: dict) -> dict:
 def top_level_plots(p: dict) -> list[dict]:
     """One chart per curve, every run overlaid (so `dvc plots diff` between experiments overlays them too)."""
     insts = list(P.instances(p))
-    loss = {"x": "epoch", "y": {paths.curve(n).as_posix(): "loss" for n in insts}, "title": "Pretraining loss per epoch"}
+    # loss over the run's first-epoch loss (stages/evaluate.py adds it): losses of different methods differ by
+    # orders of magnitude and in sign; relative to their start they share one axis
+    loss = {"x": "epoch", "y": {paths.curve(n).as_posix(): "loss_rel" for n in insts},
+            "title": "Pretraining loss / the run's first-epoch loss"}
     monitored = [n for n in insts if _monitored(p, n)]
     plots = [{"loss": loss}]
     if monitored:
@@ -250,7 +258,9 @@ HEADER = """\
 
 
 def render(p: dict) -> str:
-    doc = {"stages": stages(p), "plots": top_level_plots(p)}
+    # the live logs (pipeline.train.live): no stage's output, read from the workspace while a run trains
+    live = [(paths.live(n) / "metrics.json").as_posix() for n in P.instances(p)]
+    doc = {"stages": stages(p), "plots": top_level_plots(p), "metrics": live}
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
 
 

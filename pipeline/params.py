@@ -17,13 +17,25 @@ from pipeline.schema import (  # noqa: F401  (re-exported: method files declared
 
 # --- the schema ------------------------------------------------------------------------------------
 
-SOURCES = ("cifar10", "cifar100", "stl10", "imagefolder")
+SOURCES = ("cifar10", "cifar100", "stl10", "imagefolder", "webdataset")
 ARCHS = ("resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
 
+def _urls(v, key):
+    """A shard URL, a brace pattern, or a list of them (pipeline.data.remote expands them)."""
+    if isinstance(v, str) and v or isinstance(v, list) and v and all(isinstance(u, str) and u for u in v):
+        return v
+    raise ParamError(f"{key}: expected a shard URL, a brace pattern or a list of them, got {v!r}")
+
+
+# what pretraining reads instead of the labelled train split (pipeline.data.sources.pretrain_records): the
+# source's own splits (stl10: [train, unlabeled]), an image folder (tree or flat), and/or webdataset shards
+PRETRAIN_DATA = Section({"splits": List(Str(("train", "unlabeled")), min_len=1), "root": Str(), "urls": _urls},
+                        optional=("splits", "root", "urls"))
 DATASET = Section({
     "name": Str(), "source": Str(SOURCES), "root": Str(), "image_size": Int(8),
     "mean": List(Float(0, 1), 3), "std": List(Float(0, 1, open_min=True), 3),
-})
+    "urls": Section({"train": _urls, "test": _urls}), "pretrain": PRETRAIN_DATA, "cache": Str(),
+}, optional=("root", "urls", "pretrain", "cache"))
 # workers: processes of the shard writer (0 = every core); a runtime knob, the bytes do not depend on it
 SHARD = Section({"samples_per_shard": Int(1), "skip_corrupt": Bool(), "max_images": Int(0), "workers": Int(0)},
                 optional=("max_images", "workers"))

@@ -17,12 +17,33 @@ def shards(dataset: str) -> Path:
     return DATA / "shards" / dataset
 
 
+def remote_cache() -> Path:
+    """Local copies of remote webdataset shards (`pipeline.data.remote`); machine-local, no DVC output."""
+    return DATA / "cache" / "shards"
+
+
 def pairs(dataset: str) -> Path:
     return DATA / "pairs" / dataset
 
 
 def encoder(run: str) -> Path:
-    return DATA / "models" / run / "encoder.pt"
+    """The encoder's weights (safetensors: `backbone.<timm key>` and `heads.<head>.<key>`); its config beside it."""
+    return DATA / "models" / run / "encoder.safetensors"
+
+
+def encoder_config(run: str) -> Path:
+    """The encoder's JSON config (architecture, timm name and kwargs, image size, mean/std, method, run, seed)."""
+    return encoder_config_of(encoder(run))
+
+
+def encoder_config_of(weights: str | os.PathLike) -> Path:
+    """The config beside an encoder's weights file (also for an encoder outside the project layout)."""
+    return Path(weights).with_suffix(".json")
+
+
+def export_dir(run: str) -> Path:
+    """`python -m pipeline.export <run>`: a timm-loadable folder (config.json + model.safetensors); no DVC output."""
+    return DATA / "exports" / run
 
 
 def train_summary(run: str) -> Path:
@@ -39,6 +60,11 @@ def train_curve(run: str) -> Path:
 def checkpoints(run: str) -> Path:
     """Resume state: deliberately no DVC output, so a finished stage's outputs (and DVC's run-cache) hold none."""
     return DATA / "checkpoints" / run
+
+
+def live(run: str) -> Path:
+    """Live training logs in DVCLive's layout (`pipeline.train.live`): runtime only, no DVC output."""
+    return DATA / "live" / run
 
 
 def features(run: str) -> Path:
@@ -60,6 +86,11 @@ def pretrain_metrics(run: str) -> Path:
 
 def evaluate_metrics(run: str) -> Path:
     return REPORTS / "metrics" / "evaluate" / f"{run}.json"
+
+
+def summary_metrics(run: str) -> Path:
+    """One short row per run (kNN-200, linear, semi 1 % / 10 %, views/s, seed): `pipeline.eval.summary`."""
+    return REPORTS / "metrics" / "summary" / f"{run}.json"
 
 
 def predictions(run: str) -> Path:

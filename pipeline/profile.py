@@ -5,6 +5,10 @@ it `extends` and overrides only what differs (a null deletes a key). The pair li
 `report.controls` are the exception: a profile that sets one replaces its base's whole (REPLACED), so a preset
 lists exactly the pairs it compares and never inherits one it did not mean. The result is validated before
 params.yaml is replaced, so a broken profile never lands in the workspace.
+
+Runs are inherited only where they still make sense: a run of the base that the derived profile does not name
+is dropped when its backbone or its method block is not in the derived profile (see `_inherit_runs`). So a new
+method is one file plus one run (and its block) in profiles/cpu.yaml, and every derived profile still renders.
 """
 from __future__ import annotations
 
@@ -32,11 +36,36 @@ def resolve(name: str, seen: tuple = ()) -> dict:
     raw = yaml.safe_load(path.read_text()) or {}
     base = raw.pop("extends", None)
     keep = raw.pop("keep_runs", None)
-    merged = deep_merge(resolve(base, seen + (name,)), raw) if base else raw
+    merged = _inherit_runs(deep_merge(resolve(base, seen + (name,)), raw), raw) if base else raw
     for section, key in REPLACED:
         if key in (raw.get(section) or {}):
             merged[section][key] = {k: v for k, v in (raw[section][key] or {}).items() if v is not None}
     return _keep_runs(merged, keep, name) if keep is not None else merged
+
+
+def _inherit_runs(merged: dict, own: dict) -> dict:
+    """Drop the runs `merged` inherited (not named in the profile's own `runs:` / `pair_runs:`) whose backbone
+    or method block the profile does not have, e.g. a CPU run on `resnet18_w16` in a ResNet-50 preset that
+    deletes that backbone. A run the profile names itself is kept, so its mistakes still fail validation."""
+    backbones, methods = merged.get("backbones") or {}, merged.get("methods") or {}
+    dropped = []
+    for section in ("runs", "pair_runs"):
+        named = own.get(section) or {}
+        for run, spec in list((merged.get(section) or {}).items()):
+            if run not in named and isinstance(spec, dict) and (
+                    spec.get("backbone") not in backbones or spec.get("method") not in methods):
+                del merged[section][run]
+                dropped.append(run)
+    return _drop_references(merged, dropped) if dropped else merged
+
+
+def _drop_references(p: dict, dropped: list) -> dict:
+    """Remove the pairs of report.beside and the seeds.runs entries that name a dropped run."""
+    if p.get("report", {}).get("beside"):
+        p["report"]["beside"] = {r: b for r, b in p["report"]["beside"].items() if r not in dropped and b not in dropped}
+    if p.get("seeds", {}).get("runs"):
+        p["seeds"]["runs"] = [r for r in p["seeds"]["runs"] if r not in dropped]
+    return p
 
 
 def _keep_runs(p: dict, keep: list, name: str) -> dict:

@@ -54,7 +54,24 @@ def publish_training_record(name: str) -> None:
     for src, dst in ((paths.train_summary(name), paths.pretrain_metrics(name)), (paths.train_curve(name), paths.curve(name))):
         if not src.exists():
             raise params.DataError(f"{src}: missing (run the pretrain stage first: dvc repro pretrain.{name})")
-        atomic_write_bytes(src.read_bytes(), dst)
+        data = src.read_bytes()
+        if dst == paths.curve(name):   # + loss_rel: every run's loss on one axis in `dvc plots show`
+            from pipeline.eval.summary import with_relative_loss
+
+            data = with_relative_loss(data.decode()).encode()
+        atomic_write_bytes(data, dst)
+
+
+def write_summary(p: dict, name: str, metrics: dict) -> None:
+    """The run's one-row summary (pipeline.eval.summary) beside its full metrics."""
+    import json
+
+    from pipeline.eval.summary import run_summary
+
+    pretrain = json.loads(paths.pretrain_metrics(name).read_text())
+    # keyed by the run: DVC then names the columns `<run>.knn200`, ... (short, unique across runs)
+    atomic_write_json({name: run_summary({"seed": pretrain.get("seed"), **metrics}, pretrain, p["evaluate"]["semi_learner"])},
+                      paths.summary_metrics(name))
 
 
 def run(argv):
@@ -62,6 +79,7 @@ def run(argv):
     publish_training_record(name)
     metrics_path, predictions_path = paths.evaluate_metrics(name), paths.predictions(name)
     metrics = evaluate_run(p, name, paths.features(name), metrics_path, predictions_path)
+    write_summary(p, name, metrics)
     print(f"evaluate {name}: knn {metrics['knn']}, linear {metrics['linear']['top1']:.2f}% "
           f"(converged: {metrics['linear']['converged']}) -> {metrics_path}, {predictions_path}")
 

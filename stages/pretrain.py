@@ -1,4 +1,4 @@
-"""pretrain stage: `python -m stages.pretrain <run>` (or under torchrun) -> data/models/<run>/encoder.pt."""
+"""pretrain stage: `python -m stages.pretrain <run>` (or under torchrun) -> data/models/<run>/encoder.safetensors + encoder.json."""
 from pathlib import Path
 
 from pipeline.launch import relaunch

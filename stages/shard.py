@@ -11,7 +11,7 @@ from pipeline.utils import atomic_write_json, naming_disk_full
 def run(argv):
     p = params.load(methods=())
     # dataset.root is machine-local: a relative one means the user's checkout, also from a `dvc exp` copy
-    dataset = {**p["dataset"], "root": str(paths.local_path(p["dataset"]["root"]))}
+    dataset = {**p["dataset"], **({"root": str(paths.local_path(p["dataset"]["root"]))} if "root" in p["dataset"] else {})}
     out = paths.shards(dataset["name"])
     try:
         with naming_disk_full(out):

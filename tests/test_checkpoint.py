@@ -64,7 +64,7 @@ def test_writer_keeps_one_write_in_flight_and_reports_failures(tmp_path, monkeyp
 
 def test_run_paths_follow_the_project_layout(tmp_path):
     p = RunPaths.for_run(tmp_path, "cifar10", "seppid-mocov2", "semantic")
-    assert p.encoder == tmp_path / "data/models/seppid-mocov2/encoder.pt"
+    assert p.encoder == tmp_path / "data/models/seppid-mocov2/encoder.safetensors"
     assert p.checkpoint == tmp_path / "data/checkpoints/seppid-mocov2/last.pt"
     assert p.pairs == tmp_path / "data/pairs/cifar10/semantic" and p.shards == tmp_path / "data/shards/cifar10"
     assert RunPaths.for_run(tmp_path, "cifar10", "simclr").pairs is None
@@ -125,11 +125,13 @@ def test_identical_training_gives_a_byte_identical_encoder(tmp_path, shard_dir):
     p = params(1)
     train(p, "simclr", root=a)
     train(p, "simclr", root=b)  # another directory, another wall time
-    enc = "data/models/simclr/encoder.pt"
+    enc = "data/models/simclr/encoder.safetensors"
     first = (a / enc).read_bytes()
     assert first == (b / enc).read_bytes()
-    state = torch.load(a / enc, weights_only=False)
-    assert set(state["meta"]) == {"run", "method", "backbone", "epochs", "steps"} and state["meta"]["steps"] == 3
+    cfg = "data/models/simclr/encoder.json"
+    assert (a / cfg).read_bytes() == (b / cfg).read_bytes()
+    state = json.loads((a / cfg).read_text())
+    assert set(state["meta"]) == {"run", "method", "seed", "backbone", "epochs", "steps"} and state["meta"]["steps"] == 3
     assert "wall_time_s" in json.loads((a / "data/models/simclr/train.json").read_text())  # timings live here
 
     # a rerun of the finished run resumes at its end and rewrites the same bytes; without the checkpoint

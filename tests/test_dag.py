@@ -147,7 +147,7 @@ def test_seeds_are_instances_reading_their_runs_params():
     for name in ("simclr", "simclr-s1", "simclr-s2"):
         assert "runs.simclr" in stages[f"pretrain.{name}"]["params"]
         assert stages[f"pretrain.{name}"]["cmd"].endswith(f"-m stages.pretrain {name}")
-        assert f"data/models/{name}/encoder.pt" in stages[f"features.{name}"]["deps"]
+        assert f"data/models/{name}/encoder.safetensors" in stages[f"features.{name}"]["deps"]
     # the list of seeds is not a dependency of any trained seed: adding one leaves the others cached
     assert not any("seeds" in st.get("params", []) for n, st in stages.items() if n != "report")
     assert P.training_seed(p, "simclr-s2") == 2 and P.training_seed(p, "simclr") == 0

@@ -113,7 +113,7 @@ def test_monitor_leaves_training_bit_identical_and_records_every_epoch(tmp_path,
     assert len(knn) == 3 and summary["knn_monitor_images"] == [20, 9]  # before training + 2 epochs
     curve = pd.read_csv(on / "data/models/simclr/curve.csv")
     assert curve["knn_top1"].tolist() == knn[1:]
-    encoder, _ = load_encoder(on / "data/models/simclr/encoder.pt")  # the last value measures the exported encoder
+    encoder, _ = load_encoder(on / "data/models/simclr/encoder.safetensors")  # the last value measures the exported encoder
     assert knn[-1] == pytest.approx(hand_knn200(encoder, shard_dir, 20, 9, p["dataset"]["mean"], p["dataset"]["std"]))
 
 

@@ -82,7 +82,7 @@ def test_every_stage_wrote_its_outputs(project):
     p = params_of(project)
     for run, inst in instances(project).items():
         spec = p[inst["section"]][inst["run"]]
-        assert (project / f"data/models/{run}/encoder.pt").exists()
+        assert (project / f"data/models/{run}/encoder.safetensors").exists()
         feats, labels, _ = load_features(project / f"data/features/{run}", "train")
         # ResNet-18 at width 8: 8 * 8 channels; ViT-Tiny: 192
         assert feats.shape == (1000, 64 if spec["backbone"] == "resnet18_w8" else 192) and len(labels) == 1000
@@ -204,7 +204,7 @@ def test_bad_param_fails_before_compute_in_one_line(project):
 def test_reverting_a_change_restores_the_encoder_from_the_run_cache(project):
     """Resume state is no stage output, so DVC's run-cache holds each trained encoder: undoing an experiment
     checks the earlier encoder out instead of training it again."""
-    path, enc = project / "params.yaml", project / "data/models/simclr/encoder.pt"
+    path, enc = project / "params.yaml", project / "data/models/simclr/encoder.safetensors"
     original, before = path.read_text(), enc.read_bytes()
     p = yaml.safe_load(original)
     p["runs"]["simclr"]["overrides"] = {"temperature": 0.3}

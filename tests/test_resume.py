@@ -97,7 +97,7 @@ def test_killed_process_resumes_from_its_checkpoint(tmp_path, shard_dir):
     proc.wait()
     killed_at = torch.load(ck, weights_only=False)["progress"]["step"]
     assert 10 <= killed_at < 3 * epochs
-    assert not (proj / "data/models/mocov2/encoder.pt").exists()  # no artifact that looks complete
+    assert not (proj / "data/models/mocov2/encoder.safetensors").exists()  # no artifact that looks complete
     summary = train(params(epochs), "mocov2", root=proj)
     assert summary["steps"] == 3 * epochs
     ref = project(tmp_path, "ref", shard_dir)

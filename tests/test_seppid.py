@@ -46,7 +46,7 @@ def save_untrained_encoder(root: Path, p: dict, run: str = "mocov2") -> Path:
     """The encoder artifact of `run` as its pretrain stage writes it (untrained weights: mining needs none)."""
     torch.manual_seed(0)
     method, _, backbone_cfg = build_method(p, run)
-    path = root / "data/models" / run / "encoder.pt"
+    path = root / "data/models" / run / "encoder.safetensors"
     save_encoder(path, method.encoder_to_export(), backbone_cfg, p["dataset"]["image_size"], meta={},
                  heads=method.heads_to_export())
     return path
@@ -63,7 +63,7 @@ def project(tmp_path, shard_dir):
 
 def reference_embeddings(root: Path, positions, layer="projector"):
     """The mined images' embeddings computed independently of the sampler: decode, eval transform, encode."""
-    backbone, state = load_encoder(root / "data/models/mocov2/encoder.pt")
+    backbone, state = load_encoder(root / "data/models/mocov2/encoder.safetensors")
     enc = torch.nn.Sequential(backbone, load_head(state, "projector")) if layer == "projector" else backbone
     tf = eval_transform(32, *[tiny_params()["dataset"][k] for k in ("mean", "std")])
     rows = [(k, tf(img)) for k, _, img in iter_split(root / "data/shards/tiny", "train", positions=positions)]
@@ -146,7 +146,7 @@ def test_mine_layer_backbone_and_missing_projector(project):
     assert mine(seppid_params(), project)["feat_dim"] == 128  # the projector's output
     p = seppid_params(**{"mine.encoder_run": "random-resnet18_w8"})
     save_untrained_encoder(project, p, "random-resnet18_w8")
-    with pytest.raises(ParamError, match=r"^mine\.layer: 'projector', but .*random-resnet18_w8/encoder\.pt exports no projector"):
+    with pytest.raises(ParamError, match=r"^mine\.layer: 'projector', but .*random-resnet18_w8/encoder\.safetensors exports no projector"):
         mine(p, project)
     with pytest.raises(ParamError, match=r"mine\.k_frac: 0\.01 of 24 training images is 0 image"):
         mine(seppid_params(**{"mine.k_frac": 0.01}), project)
@@ -252,7 +252,7 @@ def test_pair_run_trains_on_originals_plus_pairs_and_refuses_other_pairs(project
     s = train(p, "seppid-mocov2", root=project)
     assert s["pairs"] == "semantic" and s["train_pairs"] == n_pairs and s["train_images"] == 24
     assert s["steps_per_epoch"] == (24 + n_pairs) // 8
-    assert s["method"] == "mocov2" and (project / "data/models/seppid-mocov2/encoder.pt").exists()
+    assert s["method"] == "mocov2" and (project / "data/models/seppid-mocov2/encoder.safetensors").exists()
     assert train(p, "seppid-random", root=project, max_steps=2) == {"stopped_at_step": 2}
     capsys.readouterr()
     train(p, "seppid-random", root=project, max_steps=3)

@@ -30,12 +30,24 @@ from pipeline.data.sources import Record, Source, check_record, decode_rgb
 from pipeline.errors import DataError
 
 SPLITS = ("train", "test")
+PRETRAIN = "pretrain"                  # optional: what pretraining reads when not `train` (pipeline.data.sources)
+SHUFFLED = ("train", PRETRAIN)         # written in seeded random order: any prefix is a uniform random subset
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp", "bmp", "ppm")
 PAIR_JSON = "pair.json"
 
 
 def sample_key(split: str, index: int) -> str:
     return f"{split}-{index:08d}"
+
+
+def written_splits(source: Source) -> tuple[str, ...]:
+    """train and test, and the pretraining split when the source has one."""
+    return SPLITS + ((PRETRAIN,) if PRETRAIN in source.splits else ())
+
+
+def pretrain_split(meta: dict) -> str:
+    """The split a pretrain stage reads: `pretrain` when the shards hold one (dataset.pretrain), else `train`."""
+    return PRETRAIN if PRETRAIN in meta.get("counts", {}) else "train"
 
 
 def write_shards(source: Source, out: str | Path, samples_per_shard: int, seed: int, skip_corrupt: bool,
@@ -52,11 +64,11 @@ def write_shards(source: Source, out: str | Path, samples_per_shard: int, seed: 
     tmp.mkdir(parents=True)
     workers = workers or os.cpu_count() or 1
     rows, skipped = [], []
-    for split in SPLITS:
+    for split in written_splits(source):
         recs = source.splits[split]
-        order = np.random.default_rng(seed).permutation(len(recs)) if split == "train" else np.arange(len(recs))
+        order = np.random.default_rng(seed).permutation(len(recs)) if split in SHUFFLED else np.arange(len(recs))
         if max_images and max_images < len(recs):  # test keeps source order, on a random subset
-            order = order[:max_images] if split == "train" else np.sort(np.random.default_rng(seed + 1).permutation(len(recs))[:max_images])
+            order = order[:max_images] if split in SHUFFLED else np.sort(np.random.default_rng(seed + 1).permutation(len(recs))[:max_images])
         (tmp / split).mkdir()
         todo = [recs[i] for i in order]
         kept = []
@@ -76,7 +88,7 @@ def write_shards(source: Source, out: str | Path, samples_per_shard: int, seed: 
                          f"{split}/shard-{position // samples_per_shard:06d}.tar", position))
     manifest = pd.DataFrame(rows, columns=["key", "index", "label", "split", "shard", "position"])
     manifest.to_parquet(tmp / "manifest.parquet", index=False)
-    counts = {s: int((manifest.split == s).sum()) for s in SPLITS}
+    counts = {s: int((manifest.split == s).sum()) for s in written_splits(source)}
     meta = {"classes": source.classes, "counts": counts, "samples_per_shard": samples_per_shard, "seed": seed,
             "max_images": max_images}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -84,7 +96,7 @@ def write_shards(source: Source, out: str | Path, samples_per_shard: int, seed: 
         shutil.rmtree(out)
     os.replace(tmp, out)
     return {"images": counts, "skipped_corrupt": len(skipped), "skipped": skipped[:100],
-            "shards": {s: len(list((out / s).glob("*.tar"))) for s in SPLITS}}
+            "shards": {s: len(list((out / s).glob("*.tar"))) for s in written_splits(source)}}
 
 
 _CHECK_CHUNK = 256

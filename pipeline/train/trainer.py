@@ -22,12 +22,14 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.data.loader import ShardStream, make_loader
-from pipeline.data.shards import read_meta, read_pair_meta
+from pipeline.data.shards import pretrain_split, read_meta, read_pair_meta
 from pipeline.methods import registry
 from pipeline.models.backbones import build_backbone
 from pipeline.errors import ParamError, PipelineError
 from pipeline.params import RUNTIME_TRAIN_KEYS, base_run, method_config, run_spec, training_seed
 from pipeline import dist, faults
+from pipeline import paths as layout
+from pipeline.train.live import LiveLog
 from pipeline.train.checkpoint import Checkpointer, Progress, RunPaths, fingerprint, numerics, seed_everything
 from pipeline.train.optim import build_optimizer, clip_gradients, cosine_ramp, lr_at, peak_lr, set_lr, set_weight_decay
 from pipeline.device import claim_device, set_deterministic
@@ -54,9 +56,10 @@ def build_method(p: dict, run: str) -> tuple[nn.Module, dict, dict]:
 def build_stream(p: dict, train_cfg: dict, method, paths: RunPaths, meta: dict, seed: int) -> ShardStream:
     """This rank's training stream: the data order and augmentation of training seed `seed`."""
     world, rank = dist.world_size(), dist.rank()
+    split = pretrain_split(meta)   # dataset.pretrain: the unlabelled images, else the train split
     return ShardStream(paths.shards, method.views(), p["dataset"]["mean"], p["dataset"]["std"],
-                       train_cfg["batch_size"] // world, meta["counts"]["train"], train_cfg["batch_size"], seed,
-                       rank, world, subset=train_cfg["train_subset"], pairs_dir=paths.pairs)
+                       train_cfg["batch_size"] // world, meta["counts"][split], train_cfg["batch_size"], seed,
+                       rank, world, subset=train_cfg["train_subset"], split=split, pairs_dir=paths.pairs)
 
 
 def open_batches(stream, progress: Progress, epochs: int, num_workers: int, pin_memory: bool):
@@ -231,7 +234,7 @@ def _train(p: dict, run: str, root: Path, max_steps: int | None, paths: RunPaths
         pairs_meta = read_pair_meta(paths.pairs)
         summary["pairs"] = spec["pairs"]
     if not trains:
-        return _finish(method, backbone_cfg, image_size, paths, summary, device, trained=False)
+        return _finish(method, backbone_cfg, image_size, paths, summary, device, trained=False, preprocess=_preprocess(p))
     if train_cfg["batch_size"] % world:
         raise ParamError(f"train.batch_size: {train_cfg['batch_size']} is not divisible by the {world} ranks")
     if train_cfg.get("gpus", world) != world and dist.is_main():   # the preset's per-GPU batch (and BN) is not this run's
@@ -275,6 +278,7 @@ def _train(p: dict, run: str, root: Path, max_steps: int | None, paths: RunPaths
         checkpoints.save(method, opt, scaler, progress)
         faults.point("checkpoint")
 
+    live = LiveLog(root / layout.live(run), progress.step, enabled=dist.is_main())   # DVCLive's layout, as it trains
     if monitor is not None and progress.step == 0 and progress.knn_init is None:
         progress.knn_init = monitor_knn(0)
     method.train()
@@ -314,6 +318,7 @@ def _train(p: dict, run: str, root: Path, max_steps: int | None, paths: RunPaths
                 clock()
                 bar.set_postfix(loss=f"{float(out['loss'].detach()):.4f}", lr=f"{opt.param_groups[0]['lr']:.3g}",
                                 views_s=f"{progress.epoch_views / max(progress.epoch_time_s, 1e-9):.0f}")
+                live.log(progress.step, "train", {"loss": float(out["loss"].detach()), "lr": opt.param_groups[0]["lr"]})
             epoch_done = progress.step_in_epoch == steps_per_epoch
             if epoch_done:
                 guard.check()
@@ -323,6 +328,7 @@ def _train(p: dict, run: str, root: Path, max_steps: int | None, paths: RunPaths
                 if monitor is not None and ((progress.epoch + 1) % monitor_every == 0 or last):
                     row["knn_top1"] = monitor_knn(progress.epoch + 1)
                 _next_epoch(progress, row)
+                live.log(progress.step, "epoch", row)
                 bar.set_description(f"{run} epoch {min(progress.epoch + 1, epochs)}/{epochs}")
                 if dist.is_main():
                     _write_curve(progress.history, paths.curve)
@@ -352,10 +358,16 @@ def _train(p: dict, run: str, root: Path, max_steps: int | None, paths: RunPaths
     if monitor is not None:  # kNN-200 top-1 before training and after each epoch (None where not monitored)
         summary["knn_monitor"] = [progress.knn_init] + [row.get("knn_top1") for row in progress.history]
         summary["knn_monitor_images"] = [monitor.train_images, monitor.test_images]
-    return _finish(method, backbone_cfg, image_size, paths, summary, device, trained=True)
+    return _finish(method, backbone_cfg, image_size, paths, summary, device, trained=True, preprocess=_preprocess(p))
 
 
-def _finish(method, backbone_cfg, image_size, paths: RunPaths, summary: dict, device, trained: bool) -> dict:
+def _preprocess(p: dict) -> dict:
+    """What the encoder's config records about its input (dataset.mean / std: params of the pretrain stage)."""
+    return {"mean": p["dataset"]["mean"], "std": p["dataset"]["std"]}
+
+
+def _finish(method, backbone_cfg, image_size, paths: RunPaths, summary: dict, device, trained: bool,
+            preprocess: dict | None = None) -> dict:
     """Write the encoder (weights and settings only: byte-identical for a bit-identical run) and the metrics."""
     summary.setdefault("steps", 0)
     summary.setdefault("wall_time_s", 0.0)
@@ -366,8 +378,8 @@ def _finish(method, backbone_cfg, image_size, paths: RunPaths, summary: dict, de
         from pipeline.models.encoder_io import save_encoder
 
         save_encoder(paths.encoder, method.encoder_to_export(), backbone_cfg, image_size,
-                     meta={k: summary[k] for k in ("run", "method", "backbone", "epochs", "steps", "pairs") if k in summary},
-                     heads=method.heads_to_export())
+                     meta={k: summary[k] for k in ("run", "method", "seed", "backbone", "epochs", "steps", "pairs") if k in summary},
+                     heads=method.heads_to_export(), preprocess=preprocess)
         if not trained:
             atomic_write_text("epoch,step,loss\n", paths.curve)  # untrained: an empty curve
         atomic_write_json(summary, paths.metrics)
