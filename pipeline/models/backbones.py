@@ -55,7 +55,8 @@ class ViTBackbone(nn.Module):
         copy made before or after keeps its parameters one to one."""
         from timm.layers import DropPath
 
-        rates = [x.item() for x in torch.linspace(0, rate, len(self.net.blocks))]
+        # on the host whatever the default device (a model built under torch.device('meta') has no .item())
+        rates = [x.item() for x in torch.linspace(0, rate, len(self.net.blocks), device="cpu")]
         for block, r in zip(self.net.blocks, rates):
             block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
             block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
