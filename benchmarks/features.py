@@ -3,7 +3,7 @@
     python benchmarks/features.py [--images 10240] [--runs simclr dino-vit] [--out benchmarks/results/features-cpu.json]
     python benchmarks/features.py --quick        # does it run? (a few images, nothing written)
 
-For each encoder (a trained `data/models/<run>/encoder.pt`) on the first `--images` train images:
+For each encoder (a trained `data/models/<run>/encoder.safetensors`) on the first `--images` train images:
   decode    reading the shards and the eval view alone (no model): what feeds the encoder
   bare      the backbone's forward alone on the same views, already decoded (batches of evaluate.batch_size)
   bare-mon  the same in the kNN monitor's CPU batches (`pipeline.train.monitor.CPU_BATCH`), as the monitor

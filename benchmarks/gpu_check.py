@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from throughput import timed  # noqa: E402  (the device is synchronised around the clock)
 from gpu_presets import GPU_PROFILES, load_preset, step_shape, synthetic_batch, trained_runs  # noqa: E402
 from pipeline.device import claim_device, device_slug, full_fp32, synchronize  # noqa: E402
 from pipeline.eval.knn import BANK_CHUNK, nearest_neighbours  # noqa: E402
@@ -61,17 +62,6 @@ SIZES = {
             "bank": 4096, "dim": 64, "queries": 256, "exact_bank": 2048, "exact_queries": 64,
             "feat_batch": 8, "feat_steps": 1},
 }
-
-
-def timed(fn, steps: int, device, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    synchronize(device)
-    return (time.perf_counter() - t) / steps
 
 
 def item(name: str, guards: list[int], fn, results: dict) -> None:
@@ -234,7 +224,8 @@ def step_vs_bare(size: dict, device, dry: bool) -> dict:
                 for i in range(fwd):
                     key_bb(views[(i + 1) % len(views)])
 
-        s, b = timed(step, size["bare_steps"], device), timed(bare, size["bare_steps"], device)
+        s = timed(step, size["bare_steps"], warmup=1, device=device)
+        b = timed(bare, size["bare_steps"], warmup=1, device=device)
         n_views = len(views) * size["bare_batch"]
         out[run] = {"batch": size["bare_batch"], "amp": str(dtype).replace("torch.", "") if dtype else "off",
                     "channels_last": cl, "step_views_per_s": n_views / s, "bare_views_per_s": n_views / b,
@@ -271,7 +262,7 @@ def knn_check(size: dict, device) -> dict:
                 chunk = big[b0:b0 + BANK_CHUNK]
                 torch.mm(queries, chunk.T, out=buf[:, :len(chunk)])
 
-    t_ours, t_mm = timed(ours, 1, device), timed(mm, 1, device)
+    t_ours, t_mm = timed(ours, 1, warmup=1, device=device), timed(mm, 1, warmup=1, device=device)
     del big, queries, buf
     return {"bank": [n, d], "queries": nq, "k": 200, "seconds": t_ours, "torch_mm_seconds": t_mm,
             "ratio_mm_over_ours": t_mm / t_ours, "rows_with_cpu_identical_top20": same, "ok": same >= 0.999}
@@ -314,7 +305,7 @@ def features_check(size: dict, device, dry: bool) -> dict:
         with full_fp32(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             net(x).float()
 
-    s = timed(forward, size["feat_steps"], device)
+    s = timed(forward, size["feat_steps"], warmup=1, device=device)
     rate = size["feat_batch"] / s
     core = per_core_images_per_s()
     return {"images_per_s": rate, "batch": size["feat_batch"], "per_core_images_per_s_224": core,

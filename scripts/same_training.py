@@ -31,7 +31,11 @@ train(p, sys.argv[2], Path(sys.argv[3]), max_steps=int(sys.argv[4]))
 
 
 def tensors(path: Path) -> dict:
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        obj = load_file(path)
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
     out = {}
 
     def walk(prefix, x):
@@ -53,7 +57,10 @@ def train_in(tree: Path, run: str, root: Path, steps: int) -> Path:
     subprocess.run([sys.executable, "-c", TRAIN, str(tree / "params.yaml"), run, str(root), str(steps)],
                    cwd=root, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = root / "data/checkpoints" / run / "last.pt"  # max_steps stops after a checkpoint
-    return ck if ck.exists() else root / "data/models" / run / "encoder.pt"  # an untrained (random) run
+    if ck.exists():
+        return ck
+    models = root / "data/models" / run   # an untrained (random) run: its encoder, in either commit's format
+    return next((models / n for n in ("encoder.safetensors", "encoder.pt") if (models / n).exists()), models / "encoder.pt")
 
 
 def main() -> int:

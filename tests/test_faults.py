@@ -28,7 +28,7 @@ from PIL import Image
 from tests.conftest import ROOT, make_imagefolder, tiny_params
 
 RUN = "mocov2"
-ENCODER = f"data/models/{RUN}/encoder.pt"
+ENCODER = f"data/models/{RUN}/encoder.safetensors"
 CHECKPOINTS = f"data/checkpoints/{RUN}"
 
 
@@ -114,7 +114,7 @@ def checkpoint_step(root: Path) -> int:
 
 def no_complete_looking_partial(root: Path) -> None:
     """Nothing a DVC output path names exists unless the run finished; temp files are hidden, never outputs."""
-    for name in ("encoder.pt", "train.json"):
+    for name in ("encoder.safetensors", "encoder.json", "train.json"):
         assert not (root / f"data/models/{RUN}" / name).exists(), name
 
 
@@ -147,7 +147,7 @@ def test_killed_while_writing_a_checkpoint_the_rerun_resumes_from_the_previous(t
 
 def test_killed_while_writing_the_encoder_no_encoder_is_left_and_the_rerun_writes_it(tmp_path, shards, reference):
     root = project(tmp_path, shards)
-    code, _, _ = run(root, "kill@write:encoder.pt:1")   # the whole temp file written, not yet renamed
+    code, _, _ = run(root, "kill@write:encoder.safetensors:1")   # the whole temp file written, not yet renamed
     assert code == -signal.SIGKILL
     no_complete_looking_partial(root)
     assert checkpoint_step(root) == 6
@@ -184,9 +184,9 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, sh
 
 def test_disk_full_while_writing_the_encoder(tmp_path, shards, reference):
     root = project(tmp_path, shards)
-    code, _, err = run(root, "full@open:encoder.pt:1")
+    code, _, err = run(root, "full@open:encoder.safetensors:1")
     assert code == 1
-    assert re.fullmatch(r"error: .*/encoder.pt: File too large .*", the_error(err))
+    assert re.fullmatch(r"error: .*/encoder.safetensors: File too large .*", the_error(err))
     no_complete_looking_partial(root)
     assert [p.name for p in (root / f"data/models/{RUN}").iterdir()] == ["curve.csv"]   # no temp file left
     resume_to_the_end(root, reference)

@@ -59,7 +59,7 @@ class PatchGroups(HostCounters):
         self.n, self.size = n, size
         for k, v in {**AUG_DEFAULTS, **aug}.items():
             setattr(self, k, tuple(v) if isinstance(v, list) else v)
-        self.register_counter("seed", int(torch.randint(0, 2**62, ())))
+        self.register_counter("seed", int(torch.randint(0, 2**62, (), device="cpu")))
         self.register_counter("draws", 0)
 
     @classmethod

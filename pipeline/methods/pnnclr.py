@@ -93,7 +93,7 @@ class PNNCLR(ProjectorMethod, HostCounters):
         self.target_projector = momentum_copy(self.projector)
         self.support = SupportSet(self.cfg["support_size"], self.cfg["proj_dim"])
         # drawn from the seeded global RNG at construction, so a run's noise follows from params.seed
-        self.register_counter("noise_seed", int(torch.randint(0, 2**62, ())))
+        self.register_counter("noise_seed", int(torch.randint(0, 2**62, (), device="cpu")))
         self.register_counter("noise_step", 0)   # both with host copies: the step reads no device value
         self._pending = None
 
