@@ -19,7 +19,7 @@ from pipeline.data.loader import Batch  # noqa: E402
 from pipeline.params import method_config, validate  # noqa: E402
 from pipeline.profile import resolve  # noqa: E402
 
-GPU_PROFILES = ("gpu-resnet18", "imagenet1k", "imagenet100", "stl10")
+GPU_PROFILES = ("gpu-resnet18", "imagenet1k", "imagenet100", "stl10", "cifar10-vit")
 
 
 def load_preset(name: str) -> dict:

@@ -221,7 +221,7 @@ def test_the_imagenet1k_views_of_simclr_and_byol_are_their_own(params):
 
 # --- every GPU preset states its GPUs and fits them (issue 23, defect 12 / deliver 2) -------------------------
 
-GPU_PRESETS = ("gpu-resnet18", "imagenet1k", "imagenet100", "stl10", "cifar10-vit")
+from benchmarks.gpu_presets import GPU_PROFILES as GPU_PRESETS  # noqa: E402
 
 
 def _memory_table() -> dict:
