@@ -66,13 +66,19 @@ def project(tmp_path: Path, shards: Path, name: str = "p") -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, shards) -> bytes:
-    """The encoder of an uninterrupted run."""
+def reference_root(tmp_path_factory, shards) -> Path:
+    """A project that trained the run uninterrupted."""
     from pipeline.train.trainer import train
 
     root = project(tmp_path_factory.mktemp("reference"), shards)
     train(params(**{"train.num_workers": 0}), RUN, root=root)
-    return (root / ENCODER).read_bytes()
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(reference_root) -> bytes:
+    """The encoder weights of an uninterrupted run."""
+    return (reference_root / ENCODER).read_bytes()
 
 
 def run(root: Path, fault: str | None = None, env: dict | None = None, timeout: float = 300, **over):
@@ -311,12 +317,13 @@ def test_disk_full_while_sharding_leaves_no_shards_and_no_temp_directory(tmp_pat
 
 
 @pytest.mark.slow
-def test_features_disk_full_or_killed_leave_no_features_file_and_no_temp_file(tmp_path, images, shards, reference):
+def test_features_disk_full_or_killed_leave_no_features_file_and_no_temp_file(tmp_path, images, shards, reference_root):
     root = stage_project(tmp_path, images)
     (root / "data/shards").mkdir(parents=True)
     (root / "data/shards/tiny").symlink_to(shards)
     (root / ENCODER).parent.mkdir(parents=True)
-    (root / ENCODER).write_bytes(reference)
+    for part in ("encoder.safetensors", "encoder.json"):   # the encoder is its weights and its config
+        shutil.copy(reference_root / ENCODER.rsplit("/", 1)[0] / part, root / ENCODER.rsplit("/", 1)[0] / part)
     out = root / f"data/features/{RUN}"
     code, err = stage(root, "stages.features", RUN, file_size_limit=4096)   # the features file does not fit
     assert code == 1
