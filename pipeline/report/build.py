@@ -236,6 +236,8 @@ def write_report(report: Report, root: str | Path) -> list[Path]:
     """reports/report.md, reports/report.html and reports/figures/*.png under `root`, each written atomically."""
     out = Path(root) / paths.REPORTS
     written = []
+    # a declared DVC output even when no figure applies (one run, as in the quick profile: nothing to compare)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
     for name, png in report.figures.items():
         atomic_write_bytes(png, out / "figures" / name)
         written.append(out / "figures" / name)
