@@ -1,29 +1,40 @@
-"""The CPU profile's shared recipe, chosen on a validation split carved from the training images.
+"""The CPU profile's recipe (schedule, base lr, weight decay), chosen on a validation split carved from training images.
 
-    python benchmarks/recipe_search.py [--runs simclr mocov2] [--out benchmarks/results/recipe-search-cpu.json]
-    python benchmarks/recipe_search.py --quick     # does it run? (synthetic shards, a few steps, nothing written)
+    python benchmarks/recipe_search.py                       # every family below, in order; resumes where it stopped
+    python benchmarks/recipe_search.py --families sgd        # one family
+    python benchmarks/recipe_search.py --quick               # does it run? (synthetic shards, a few steps, nothing written)
 
-The CPU profile trains every method for a few epochs on `train.train_subset` images; its shared augmentation
-and schedule decide whether methods learn at all in that budget, so they are searched, not guessed:
+The CPU profile trains every method for a few epochs on `train.train_subset` images; whether a method learns in
+that budget depends on the schedule and step size, so they are searched, not guessed:
 
   validation  bank: the first `--bank` training images (inside the pretraining subset, labels used by kNN
               only); queries: the last `--queries` images of the train split, outside the subset (never seen in
               pretraining). The test split is never read.
-  score       kNN-200 top-1 (%) (τ = 0.1, the evaluate stage's protocol) of the frozen backbone.
-  search      coordinate-wise, one stage after the other, each keeping the best of the one before (mean score
-              over the runs, so every method gets the same setting):
-              1. augmentation: crop scale minimum x colour-jitter strength s (SimCLR's s: jitter
-                 (0.8 s, 0.8 s, 0.8 s, 0.2 s));
-              2. schedule: warm-up epochs x final lr ratio of the cosine.
-The table is written after every training (the search resumes where it stopped). Each score is one training
-seed on `--queries` images: its binomial standard error near 40 % is ~0.7 points (5000 queries), so the
-table also reports it; a setting is changed only when the best beats the current one by more than two of
-those (otherwise the current one stays, and the table says so).
+  score       kNN-200 top-1 (%) (tau = 0.1, the evaluate stage's protocol) of the frozen backbone.
+  families    searched one after the other, each on top of the choices before it:
+              sgd     the shared SGD recipe every ResNet method trains with, scored as the mean over its runs
+                      (the two base methods: every compared pair shares it): 1. schedule: warm-up epochs x final lr
+                      ratio (1.0 = flat after warm-up, 0.1 or 0 = cosine to that fraction of the peak); 2. base lr;
+                      3. weight decay;
+              barlow  the base lr of Barlow Twins and GSSSL, each run on its own (GSSSL's loss sums 2n + 1 terms, so
+                      one lr cannot give both the step their papers' LARS gives; issue 26, item 7);
+              vit     the AdamW base lr of DINO's ViT recipe (PW-Self inherits it), at `--vit-epochs` instead of the
+                      profile's 16 (a 16-epoch ViT training costs ~45 min on 2 cores).
+  decision    a setting changes only when the best beats the current one by more than two standard errors of
+              their difference (each score: one seed on `--queries` images, binomial SE ~0.7 points near 40 %;
+              the difference of two means over the same runs has that SE too), otherwise the current one stays
+              and the table says so.
+The augmentation (crop scale x jitter strength) was searched in the first round on the same split
+(benchmarks/results/recipe-search-cpu-augment.json) and is not searched again.
+Settings go into each searched run's `overrides.train`, the top of the merge, so a method block's own value (e.g.
+GSSSL's lr) is replaced too. The table is written after every training; train_s is wall time as it ran (taken
+beside other work, across interruptions: not a throughput measurement).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import itertools
 import json
 import math
@@ -41,44 +52,72 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import params as P  # noqa: E402
 from pipeline.data.shards import read_manifest  # noqa: E402
+from pipeline.device import claim_device  # noqa: E402
 from pipeline.eval.features import extract_features  # noqa: E402
 from pipeline.eval.knn import knn_accuracy  # noqa: E402
 from pipeline.models.encoder_io import load_encoder  # noqa: E402
 from pipeline.train.checkpoint import RunPaths  # noqa: E402
 from pipeline.train.trainer import train  # noqa: E402
-from pipeline.device import claim_device  # noqa: E402
 from pipeline.utils import atomic_write_json  # noqa: E402
 
 K, TEMPERATURE = 200, 0.1
-CROP_MIN = (0.08, 0.2, 0.35)
-JITTER_S = (0.5, 1.0)
-WARMUP = (0.0, 0.5, 1.0)
-MIN_LR_RATIO = (0.0, 0.1)
+WARMUP = (0.0, 0.5)
+MIN_LR_RATIO = (1.0, 0.1, 0.0)
+LR_FACTORS = (0.5, 1.0, 2.0)
+WD_FACTORS = (0.2, 1.0, 2.0)
 
 
-def jitter(s: float) -> list[float]:
-    return [round(0.8 * s, 4)] * 3 + [round(0.2 * s, 4)]
+def schedule(cur: dict, shared: dict) -> list[dict]:
+    return [{"warmup_epochs": w, "min_lr_ratio": m} for w, m in itertools.product(WARMUP, MIN_LR_RATIO)]
 
 
-def augment_candidates(p: dict) -> list[dict]:
-    return [{"augment": {"crop_scale": [c, 1.0], "color_jitter": jitter(s)}} for c, s in itertools.product(CROP_MIN, JITTER_S)]
+def base_lr(factors):
+    """The shared lr x factors (every run of a family on one grid), plus the run's current lr if off the grid."""
+    def candidates(cur: dict, shared: dict) -> list[dict]:
+        grid = [float(f"{shared['lr'] * f:.6g}") for f in factors]
+        return [{"lr": lr} for lr in grid + ([cur["lr"]] if cur["lr"] not in grid else [])]
+    return candidates
 
 
-def schedule_candidates(p: dict) -> list[dict]:
-    return [{"train": {"warmup_epochs": w, "min_lr_ratio": m}} for w, m in itertools.product(WARMUP, MIN_LR_RATIO)]
+def weight_decay(cur: dict, shared: dict) -> list[dict]:
+    return [{"weight_decay": float(f"{cur['weight_decay'] * f:.6g}")} for f in WD_FACTORS]
 
 
-STAGES = (("augmentation", augment_candidates), ("schedule", schedule_candidates))
+def vit_lr(cur: dict, shared: dict) -> list[dict]:
+    """AdamW's own scale (the shared lr is SGD's)."""
+    return [{"lr": float(f"{cur['lr'] * f:.6g}")} for f in (0.5, 1.0, 2.0)]
 
 
-def current(p: dict, stage: str) -> dict:
-    if stage == "augmentation":
-        return {"augment": {"crop_scale": list(p["augment"]["crop_scale"]), "color_jitter": list(p["augment"]["color_jitter"])}}
-    return {"train": {"warmup_epochs": p["train"]["warmup_epochs"], "min_lr_ratio": p["train"]["min_lr_ratio"]}}
+# family: runs, stages (name, candidates from the first run's current train settings), per_run, epochs
+FAMILIES = {
+    "sgd": dict(runs=["simclr", "mocov2"], per_run=False, epochs=None,
+                stages=[("schedule", schedule), ("lr", base_lr(LR_FACTORS)), ("weight_decay", weight_decay)]),
+    "barlow": dict(runs=["barlow_twins", "gsssl"], per_run=True, epochs=None,
+                   stages=[("lr", base_lr((0.25, 0.5, 1.0, 2.0)))]),
+    "vit": dict(runs=["dino-vit"], per_run=False, epochs="vit", stages=[("lr", vit_lr)]),
+}
 
 
 def key_of(setting: dict) -> str:
-    return ", ".join(f"{block}.{k}={v}" for block, kv in setting.items() for k, v in kv.items())
+    return ", ".join(f"train.{k}={v}" for k, v in setting.items())
+
+
+def apply(p: dict, run: str, setting: dict) -> dict:
+    """`p` with `setting` at the top of `run`'s train merge (its overrides)."""
+    q = copy.deepcopy(p)
+    spec = P.run_spec(q, run)
+    over = spec.setdefault("overrides", {})
+    over["train"] = {**over.get("train", {}), **setting}
+    return q
+
+
+def effective(p: dict, run: str) -> str:
+    """What `run` trains under `p`: equal strings train the same encoder (a stage's current setting is the last
+    stage's choice, so it is scored once)."""
+    method, block, train_cfg, backbone = P.method_config(p, run)
+    runtime = ("num_workers", "checkpoint_every", "sync_every", "knn_monitor", "knn_monitor_every")
+    train_cfg = {k: v for k, v in train_cfg.items() if k not in runtime}
+    return json.dumps([run, method, block, train_cfg, backbone, p["augment"]], sort_keys=True, default=str)
 
 
 class Validation:
@@ -103,93 +142,124 @@ class Validation:
         return knn_accuracy(bank, bank_labels, query, query_labels, [K], TEMPERATURE)[K]
 
 
-def effective(p: dict, setting: dict, run: str) -> str:
-    """The blocks a setting changes, as they train: equal strings train the same run."""
-    q = {block: {**p[block], **kv} for block, kv in setting.items()}
-    full = {b: q.get(b, p[b]) for b in ("augment", "train")}
-    return json.dumps([run, full], sort_keys=True)
-
-
-def score(p: dict, run: str, setting: dict, shard_dir: Path, validation: Validation) -> dict:
-    q = copy.deepcopy(p)
-    for block, kv in setting.items():
-        q[block].update(kv)
+def score(q: dict, run: str, config: str, shard_dir: Path, validation: Validation, work: Path) -> dict:
+    """Train `run` under `q` and score it. The training lives in a directory named by its configuration, so an
+    interrupted search resumes the training itself from its last checkpoint (the trainer resumes exactly)."""
     q = P.validate(q, methods=[P.run_spec(q, run)["method"]])
-    root = Path(tempfile.mkdtemp(prefix="recipe-"))
-    try:
-        paths = RunPaths.for_run(root, q["dataset"]["name"], run)
-        paths.shards = shard_dir
-        t = time.perf_counter()
-        summary = train(q, run, root, paths=paths)
-        acc = validation(paths.encoder)
-        return {"knn200": acc, "train_s": time.perf_counter() - t, "final_loss": summary.get("final_loss")}
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    root = work / hashlib.sha1(config.encode()).hexdigest()[:16]
+    paths = RunPaths.for_run(root, q["dataset"]["name"], run)
+    paths.shards = shard_dir
+    t = time.perf_counter()
+    summary = train(q, run, root, paths=paths)
+    acc = validation(paths.encoder)
+    shutil.rmtree(root, ignore_errors=True)
+    return {"knn200": acc, "train_s": round(time.perf_counter() - t, 1), "final_loss": summary.get("final_loss")}
+
+
+def decide(scores: dict[str, list[float]], cur_key: str, se: float) -> tuple[str, str, bool]:
+    means = {k: statistics.mean(v) for k, v in scores.items()}
+    best = max(means, key=means.get)
+    keep = cur_key in means and means[best] - means[cur_key] <= 2 * se
+    return (cur_key if keep else best), best, keep
+
+
+def search_family(name: str, fam: dict, p: dict, table: dict, shard_dir: Path, validation: Validation, se: float,
+                  vit_epochs: int, save, work: Path) -> dict:
+    rows = table.setdefault("rows", [])
+    done = {(r["family"], r["stage"], r["setting"], r["run"]): r for r in rows}
+    by_config = {r["config"]: r for r in rows if "config" in r}
+    runs = fam["runs"]
+    for run in runs:   # the monitor costs time and changes nothing in training
+        p = apply(p, run, {"knn_monitor": [0, 0], **({"epochs": vit_epochs} if fam["epochs"] == "vit" else {})})
+    chosen = {}
+    for stage, candidates in fam["stages"]:
+        groups = [[r] for r in runs] if fam["per_run"] else [runs]
+        for group in groups:
+            cur = P.method_config(p, group[0])[2]
+            settings = candidates(cur, p["train"])
+            cur_key = key_of({k: cur[k] for k in settings[0]})
+            scores, by_key = {}, {}
+            for setting in settings:
+                key = key_of(setting)
+                by_key[key] = setting
+                for run in group:
+                    q = apply(p, run, setting)
+                    config = effective(q, run)
+                    row = done.get((name, stage, key, run))
+                    if row is None and config in by_config:
+                        row = {**by_config[config], "family": name, "stage": stage, "setting": key, "reused": True}
+                    if row is None:
+                        row = {"family": name, "stage": stage, "setting": key, "run": run, "config": config,
+                               **score(q, run, config, shard_dir, validation, work)}
+                    by_config[config] = row
+                    if (name, stage, key, run) not in done:
+                        rows.append(row)
+                        done[(name, stage, key, run)] = row
+                        save()
+                    print(f"{name:>6} | {stage:>12} | {key:<50} | {run:>12} | kNN-200 {row['knn200']:6.2f} | "
+                          f"{row['train_s']:6.0f} s", flush=True)
+                    scores.setdefault(key, []).append(row["knn200"])
+            pick, best, keep = decide(scores, cur_key, se)
+            means = {k: round(statistics.mean(v), 3) for k, v in scores.items()}
+            label = f"{stage} ({', '.join(group)})"
+            chosen[label] = {"setting": pick, "mean_knn200": means[pick], "current": cur_key,
+                             "current_mean_knn200": means.get(cur_key), "best": best,
+                             "best_mean_knn200": means[best], "kept_current": keep, "means": means}
+            for run in group:   # the next stage searches on top of this one's choice
+                p = apply(p, run, by_key[pick])
+            print(f"{name}: {label}: {'kept' if keep else 'chose'} {pick} (mean {means[pick]:.2f}; current "
+                  f"{cur_key} {means.get(cur_key)}; best {best} {means[best]:.2f}; 2 SE = {2 * se:.2f})", flush=True)
+    if name == "sgd":   # the shared recipe: later families inherit it through the train block
+        for k, v in P.method_config(p, runs[0])[2].items():
+            if k in ("warmup_epochs", "min_lr_ratio", "lr", "weight_decay"):
+                p["train"][k] = v
+    table.setdefault("chosen", {})[name] = chosen
+    save()
+    return p
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--runs", nargs="*", default=["simclr", "mocov2"])
+    ap.add_argument("--families", nargs="*", default=list(FAMILIES))
     ap.add_argument("--bank", type=int, default=10000)
     ap.add_argument("--queries", type=int, default=5000)
+    ap.add_argument("--vit-epochs", type=int, default=4)
     ap.add_argument("--out", default="benchmarks/results/recipe-search-cpu.json")
     ap.add_argument("--quick", action="store_true", help="synthetic shards, tiny runs, nothing written")
     a = ap.parse_args()
     p = P.load(a.params)
     shard_dir = Path("data/shards") / p["dataset"]["name"]
+    families = {f: copy.deepcopy(FAMILIES[f]) for f in a.families}
     if a.quick:
         from benchmarks.throughput import synthetic_shards
         shard_dir = synthetic_shards(Path(tempfile.mkdtemp()), p["dataset"]["image_size"], n=96)
         p["train"].update(batch_size=16, train_subset=32, epochs=1)
-        for r in a.runs:
-            p["methods"][P.run_spec(p, r)["method"]].get("train", {}).pop("batch_size", None)
-        a.bank, a.queries = 32, 16
+        p["methods"]["gsssl"]["rank_k"] = 4
+        for fam in families.values():
+            for r in fam["runs"]:
+                spec = P.run_spec(p, r)
+                p["methods"][spec["method"]].get("train", {}).pop("batch_size", None)
+                spec.get("overrides", {}).get("train", {}).update(epochs=1)
+            fam["stages"] = [(n, (lambda c, s, f=f: f(c, s)[:2])) for n, f in fam["stages"]]
+        a.bank, a.queries, a.vit_epochs = 32, 16, 1
     validation = Validation(p, shard_dir, a.bank, a.queries, claim_device())
     out = Path(a.out)
     table = {} if a.quick or not out.exists() else json.loads(out.read_text())
-    rows = table.setdefault("rows", [])
-    done = {(r["stage"], r["setting"], r["run"]): r for r in rows}
-    by_config: dict[str, dict] = {}
     se = 100 * math.sqrt(0.4 * 0.6 / a.queries)
-    table.update(runs=a.runs, bank=int(len(validation.bank)), queries=a.queries, k=K, temperature=TEMPERATURE,
-                 standard_error_points=se, params=a.params, torch=torch.__version__, threads=torch.get_num_threads())
-    chosen = {}
-    for stage, candidates in STAGES:
-        base = {**current(p, stage)}
-        means = {}
-        for setting in candidates(p):
-            key = key_of(setting)
-            accs = []
-            for run in a.runs:
-                row = done.get((stage, key, run))
-                same = effective(p, setting, run)
-                if row is None and same in by_config:   # this stage's current setting is the last stage's choice
-                    row = {**by_config[same], "stage": stage, "setting": key, "reused": True}
-                if row is None:
-                    row = {"stage": stage, "setting": key, "run": run, **score(p, run, setting, shard_dir, validation)}
-                by_config[same] = row
-                if (stage, key, run) not in done:
-                    rows.append(row)
-                    done[(stage, key, run)] = row
-                    if not a.quick:
-                        atomic_write_json(table, out)
-                print(f"{stage:>12} | {key:<60} | {run:>8} | kNN-200 {row['knn200']:6.2f} | {row['train_s']:5.0f} s", flush=True)
-                accs.append(row["knn200"])
-            means[key] = (statistics.mean(accs), setting)
-        best_key = max(means, key=lambda k: means[k][0])
-        cur_key = key_of(base)
-        keep = cur_key in means and means[best_key][0] - means[cur_key][0] <= 2 * se
-        pick = cur_key if keep else best_key
-        chosen[stage] = {"setting": pick, "mean_knn200": means[pick][0], "best": best_key,
-                         "best_mean_knn200": means[best_key][0], "kept_current": keep}
-        for block, kv in means[pick][1].items():   # the next stage searches on top of this one's choice
-            p[block].update(kv)
-        print(f"{stage}: {'kept' if keep else 'chose'} {pick} (mean kNN-200 {means[pick][0]:.2f}; best {best_key} "
-              f"{means[best_key][0]:.2f}; 2 SE = {2 * se:.2f})", flush=True)
-    table["chosen"] = chosen
-    if not a.quick:
-        atomic_write_json(table, out)
+    table.update(bank=int(len(validation.bank)), queries=a.queries, k=K, temperature=TEMPERATURE, vit_epochs=a.vit_epochs,
+                 standard_error_points=se, params=a.params, torch=torch.__version__, threads=torch.get_num_threads(),
+                 families={f: {"runs": v["runs"], "per_run": v["per_run"], "stages": [n for n, _ in v["stages"]]}
+                           for f, v in families.items()})
+
+    work = Path(tempfile.mkdtemp()) if a.quick else Path("data/recipe-search")
+
+    def save():
+        if not a.quick:
+            atomic_write_json(table, out)
+
+    for name, fam in families.items():
+        p = search_family(name, fam, p, table, shard_dir, validation, se, a.vit_epochs, save, work)
 
 
 if __name__ == "__main__":
