@@ -104,8 +104,9 @@ class View:
         size = self.spec.size
         out = np.empty((len(images), size, size, 3), dtype=np.uint8)
         for i, (img, (top, left, h, w)) in enumerate(zip(images, boxes.tolist())):
-            # PIL's bilinear resize of the box is antialiased, as torchvision's resized_crop on PIL images
-            crop = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+            # torchvision's resized_crop on PIL images, byte for byte: crop, then PIL's bilinear resize (antialiased).
+            # Not resize(box=...): its filter reads pixels outside the box, blending them into the border rows
+            crop = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
             out[i] = np.asarray(crop.transpose(Image.FLIP_LEFT_RIGHT) if flips[i] else crop)
         geometry = np.concatenate([boxes, flips[:, None].astype(np.int64)], 1).astype(np.int32)
         return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(geometry)
