@@ -40,8 +40,9 @@ DATASET = Section({
 SHARD = Section({"samples_per_shard": Int(1), "skip_corrupt": Bool(), "max_images": Int(0), "workers": Int(0)},
                 optional=("max_images", "workers"))
 BACKBONE = Section(
-    {"arch": Str(ARCHS), "width": Int(2), "cifar_stem": Bool(), "patch_size": Int(1), "depth": Int(1)},
-    optional=("width", "cifar_stem", "patch_size", "depth"),
+    {"arch": Str(ARCHS), "width": Int(2), "cifar_stem": Bool(), "patch_size": Int(1), "depth": Int(1),
+     "zero_init_last": Bool()},
+    optional=("width", "cifar_stem", "patch_size", "depth", "zero_init_last"),
 )
 AUGMENT_KEYS: dict[str, Validator] = {
     "crop_scale": Range01(), "hflip": Float(0, 1), "color_jitter": List(Float(0), 4), "color_jitter_p": Float(0, 1),

@@ -1,11 +1,13 @@
 """The recipe search's validation split is carved from the training images: its bank lies inside the
-pretraining subset, its queries outside it, and a split that cannot be carved is refused."""
+pretraining subset, its queries outside it, and a split that cannot be carved is refused. Its settings land at the
+top of a run's merge (a method block's own lr is replaced too), and a stage's current setting is scored once."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from benchmarks.recipe_search import Validation, current, effective, key_of
+from benchmarks.recipe_search import FAMILIES, Validation, apply, decide, effective, key_of
+from pipeline import params as P
 from pipeline.data.shards import read_manifest
 from tests.conftest import tiny_params
 
@@ -20,12 +22,31 @@ def test_queries_outside_the_pretraining_subset_and_bank_inside(shard_dir):
         Validation(p, shard_dir, bank=10, queries=5, device="cpu")
 
 
-def test_a_stage_reuses_the_run_the_previous_stage_chose():
+def test_a_setting_tops_the_merge_and_equal_configs_are_one_training():
     p = tiny_params()
-    aug = current(p, "augmentation")
-    before = effective(p, aug, "simclr")
-    for block, kv in aug.items():
-        p[block].update(kv)
-    assert effective(p, current(p, "schedule"), "simclr") == before
-    assert effective(p, {"train": {"warmup_epochs": 9.0}}, "simclr") != before
-    assert key_of(aug).startswith("augment.crop_scale=")
+    p["methods"]["simclr"]["train"] = {"lr": 0.123}
+    q = apply(p, "simclr", {"lr": 0.5, "warmup_epochs": 0.0})
+    assert P.method_config(q, "simclr")[2]["lr"] == 0.5 and P.method_config(p, "simclr")[2]["lr"] == 0.123
+    cur = P.method_config(p, "simclr")[2]
+    same = apply(p, "simclr", {"lr": cur["lr"], "warmup_epochs": cur["warmup_epochs"]})
+    assert effective(same, "simclr") == effective(p, "simclr")          # the current setting: scored once
+    assert effective(q, "simclr") != effective(p, "simclr")
+    assert effective(apply(p, "simclr", {"knn_monitor": [5, 5]}), "simclr") == effective(p, "simclr")
+    assert key_of({"lr": 0.5}) == "train.lr=0.5"
+
+
+def test_schedule_grid_has_flat_and_both_cosines_with_and_without_warmup_and_lr_grid_is_shared():
+    stage = dict(FAMILIES["sgd"]["stages"])
+    shapes = {(s["warmup_epochs"], s["min_lr_ratio"]) for s in stage["schedule"]({}, {})}
+    assert shapes == {(w, m) for w in (0.0, 0.5) for m in (1.0, 0.1, 0.0)}
+    lr = dict(FAMILIES["barlow"]["stages"])["lr"]
+    grid = [c["lr"] for c in lr({"lr": 0.06}, {"lr": 0.06})]
+    assert grid == [0.015, 0.03, 0.06, 0.12]
+    assert [c["lr"] for c in lr({"lr": 0.02}, {"lr": 0.06})] == grid + [0.02]   # off-grid current is scored too
+
+
+def test_a_setting_changes_only_beyond_two_standard_errors():
+    scores = {"cur": [40.0, 30.0], "new": [41.0, 30.5]}
+    assert decide(scores, "cur", se=0.7) == ("cur", "new", True)
+    scores["new"] = [42.0, 31.0]
+    assert decide(scores, "cur", se=0.7) == ("new", "new", False)

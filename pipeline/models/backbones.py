@@ -12,17 +12,19 @@ VIT_DIMS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (76
 
 
 class ResNetBackbone(nn.Module):
-    def __init__(self, arch: str, width: int = 64, cifar_stem: bool = False):
+    def __init__(self, arch: str, width: int = 64, cifar_stem: bool = False, zero_init_last: bool = True):
         super().__init__()
         from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
         block, layers = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}[arch]
         if width % 2:
             raise ValueError(f"backbone width must be even, got {width}")
+        # zero_init_last: each residual branch's last BN starts at gamma 0 (timm's default, as SimCLR's and BYOL's
+        # ResNets); false: torchvision's default init (MoCo's and DINO's code). Initialisation only: same module.
         # timm sizes layer1's input from the stem: a deep stem of width/2 gives `width`; the stem itself
         # is then replaced by the standard single conv (7x7/2 + max-pool, or the CIFAR 3x3/1, no pool)
         net = ResNet(block, layers, num_classes=0, stem_type="deep", stem_width=width // 2,
-                     channels=(width, 2 * width, 4 * width, 8 * width), zero_init_last=True)
+                     channels=(width, 2 * width, 4 * width, 8 * width), zero_init_last=zero_init_last)
         if cifar_stem:
             net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
             net.maxpool = nn.Identity()
@@ -72,5 +74,6 @@ class ViTBackbone(nn.Module):
 def build_backbone(cfg: dict, image_size: int) -> nn.Module:
     arch = cfg["arch"]
     if arch.startswith("resnet"):
-        return ResNetBackbone(arch, cfg.get("width", 64), cfg.get("cifar_stem", image_size <= 64))
+        return ResNetBackbone(arch, cfg.get("width", 64), cfg.get("cifar_stem", image_size <= 64),
+                              cfg.get("zero_init_last", True))
     return ViTBackbone(arch, image_size, cfg["patch_size"], cfg.get("depth"))
