@@ -225,7 +225,8 @@ def stages(p: dict) -> dict:
         + [paths.evaluate_metrics(n).as_posix() for n in insts]
         + [paths.predictions(n).as_posix() for n in insts]
         + [paths.curve(n).as_posix() for n in insts]
-        + [paths.mine_metrics().as_posix()],
+        + [paths.mine_metrics().as_posix()]
+        + ([p["report"]["recipe_search"]] if p["report"].get("recipe_search") else []),
         "params": ["seed", "runs", "pair_runs", "report", "dataset.name", "dataset.image_size",
                    *(["seeds"] if p.get("seeds") else []), *(["mine.encoder_run"] if p.get("mine") else [])],
         "outs": [{o.as_posix(): {"cache": False}} for o in paths.report_outputs()],

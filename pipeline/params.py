@@ -97,8 +97,9 @@ EVALUATE = Section({
 # beside: {run: base run} puts a paper's method next to the method it builds on, with the difference;
 # controls: {control run: paper run} a run that differs from a `beside` paper run only by a step-size knob
 # (e.g. loss_scale), compared with that paper run's base like the paper run itself
-REPORT = Section({"title": Str(), "beside": MapOf(Str(), allow_empty=True), "controls": MapOf(Str(), allow_empty=True)},
-                 optional=("beside", "controls"))
+REPORT = Section({"title": Str(), "beside": MapOf(Str(), allow_empty=True), "controls": MapOf(Str(), allow_empty=True),
+                  "recipe_search": Str()},
+                 optional=("beside", "controls", "recipe_search"))
 
 RUN_SECTIONS = ("runs", "pair_runs")
 

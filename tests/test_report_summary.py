@@ -205,3 +205,27 @@ def test_page_colours_key_columns_and_folds_notes():
     assert "<details><summary>Quotes and settings</summary>" in html and "“quoted”" in html
     assert html.startswith("<!DOCTYPE html>") and "<title>Title</title>" in html
     assert "| a vs b | better |" in md and "> **Paper, Table 1.** “quoted”" in md
+
+
+def test_setup_box_says_which_runs_the_recipe_was_searched_on(tmp_path):
+    """Issue 26, item 7: the search covers the compared methods, or the report says it did not."""
+    write_all(tmp_path)
+    table = {"queries": 5000, "vit_epochs": 4,
+             "families": {"sgd": {"runs": ["simclr", "mocov2"], "per_run": False, "stages": ["schedule", "lr"]},
+                          "barlow": {"runs": ["barlow_twins"], "per_run": True, "stages": ["lr"]}},
+             "chosen": {"sgd": {"schedule (simclr, mocov2)": {"setting": "train.warmup_epochs=0.0, train.min_lr_ratio=1.0",
+                                                             "kept_current": False},
+                                "lr (simclr, mocov2)": {"setting": "train.lr=0.06", "kept_current": True}}}}
+    (tmp_path / "recipe.json").write_text(json.dumps(table))
+    rep = rb.build_report(tmp_path, RUNS, "cifar10", "T", beside={"leoclr": "mocov2"}, seeds=SEEDS, n_boot=50,
+                          image_size=32, recipe_search="recipe.json")
+    setup = dict(re.findall(r"- \*\*(.+?)\*\*: (.+)", rep.markdown.split("# Setup and budget", 1)[1].split("\n# ", 1)[0]))
+    recipe = setup["recipe"]
+    assert "Schedule and lr searched on simclr and mocov2 together: no warm-up, flat; base lr 0.06 (the previous " \
+           "value kept)" in recipe
+    assert "Lr for barlow_twins: search not finished" in recipe
+    assert recipe.endswith("Not searched: leoclr train with their family's choice.")   # the paper run, unsearched
+    assert list(setup).index("recipe") == list(setup).index("why far below the papers") - 1
+    (tmp_path / "recipe.json").write_text("{}")
+    with pytest.raises(rb.DataError, match="recipe.json: no 'families'"):
+        rb.build_report(tmp_path, RUNS, "cifar10", "T", seeds=SEEDS, n_boot=50, recipe_search="recipe.json")

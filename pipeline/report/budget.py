@@ -94,6 +94,47 @@ def setup_facts(metrics: list[RunMetrics], res: Results, refs: list[dict], datas
     return out
 
 
+def _setting_text(setting: str) -> str:
+    """'train.warmup_epochs=0.0, train.min_lr_ratio=1.0' -> 'no warm-up, then flat'; lr / weight decay in words."""
+    kv = dict(part.split("=", 1) for part in setting.replace("train.", "").split(", "))
+    out = []
+    if "warmup_epochs" in kv:
+        w, m = float(kv["warmup_epochs"]), float(kv["min_lr_ratio"])
+        shape = "flat" if m == 1.0 else ("cosine to 0" if m == 0.0 else f"cosine to {m:g} of the peak")
+        out.append((f"{w:g}-epoch warm-up, then " if w else "no warm-up, ") + shape)
+    if "lr" in kv:
+        out.append(f"base lr {float(kv['lr']):g}")
+    if "weight_decay" in kv:
+        out.append(f"weight decay {float(kv['weight_decay']):g}")
+    return ", ".join(out)
+
+
+def recipe_fact(table: dict, metrics: list[RunMetrics]) -> str:
+    """Which runs the recipe was searched on, what each family chose, and which runs inherit it unsearched
+    (issue 26, item 7: the search covers the compared methods, or the report says it did not)."""
+    parts, searched = [], set()
+    for fam, spec in table["families"].items():
+        runs = list(spec["runs"])
+        searched.update(runs)
+        chosen = (table.get("chosen") or {}).get(fam) or {}
+        what = _join([s.replace("_", " ") for s in spec["stages"]]).capitalize()
+        epochs = f" at {table['vit_epochs']} epochs" if fam == "vit" and table.get("vit_epochs") else ""
+        if not chosen:
+            parts.append(f"{what} for {_join(runs)}{epochs}: search not finished, the profile's values stand")
+            continue
+        picks = "; ".join(_setting_text(c["setting"]) + ("" if not c["kept_current"] else " (the previous value kept)")
+                          for c in chosen.values())
+        who = (f"{_join(runs)} each on its own" if spec.get("per_run") else
+               f"{_join(runs)} together")
+        parts.append(f"{what} searched on {who}{epochs}: {picks}")
+    others = sorted({m.run for m in metrics if m.trained and m.method != "random"} - searched)
+    text = ("Searched on a validation split carved from the training images (kNN-200 of "
+            f"{int(table.get('queries', 0)):,} held-out images, one seed per setting): " + ". ".join(parts) + ". ")
+    if others:
+        text += f"Not searched: {_join(others)} train with their family's choice."
+    return text
+
+
 def why_low(metrics: list[RunMetrics], res: Results, refs: list[dict], dataset: str) -> str:
     """One paragraph: the papers' linear accuracy on this dataset against ours, and what the budget lacks."""
     ours = [v for m in metrics if m.trained and (v := res.mean(m, "linear")) is not None]

@@ -21,14 +21,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401  (test
 from pipeline import paths
 from pipeline.params import DataError
 from pipeline.report import stats
-from pipeline.report.budget import setup_facts
+from pipeline.report.budget import recipe_fact, setup_facts
 from pipeline.report.claims import (CONFOUNDED, Comparison, claim_results, comparisons,
                                     exploratory_count, primary_keys, summary_protocols)
 from pipeline.report.figures import (_label_points, accuracy_figure, convergence_figure, cost_figure,  # noqa: F401
                                      forest_figure, loss_figure, loss_terms, similarity_figure)
 from pipeline.report.load import (REF_REQUIRED, REFERENCES, SEED_PAPERS, SEPPID_METHOD, RunMetrics,  # noqa: F401
                                   base_run, base_runs, load_claims, load_group, load_mine, load_papers,
-                                  load_references, load_run, load_runs, untrained_runs)
+                                  load_recipe_search, load_references, load_run, load_runs, untrained_runs)
 from pipeline.report.page import Facts, FigureRef, Folded, Section, Text, render
 from pipeline.report.results import Results, protocols
 from pipeline.report.tables import (Table, claims_table, comparison_table, convergence_flags_table,  # noqa: F401
@@ -94,14 +94,16 @@ def build_report(root: str | Path, runs: dict[str, dict], dataset: str, title: s
                  references: str | Path = REFERENCES, pair_runs: dict[str, dict] | None = None,
                  beside: dict[str, str] | None = None, seeds: dict[str, list[int]] | None = None,
                  default_seed: int = 0, n_boot: int = stats.N_BOOT, image_size: int | None = None,
-                 controls: dict[str, str] | None = None, sampler: str | None = None) -> Report:
+                 controls: dict[str, str] | None = None, sampler: str | None = None,
+                 recipe_search: str | Path | None = None) -> Report:
     """Read every run's metrics (every training seed: `seeds`, {run: [seed, ...]}) under `root` and the reference
     YAML; return the report (nothing written). With `pair_runs` (SePP-ID), the mine stage's metrics too; `beside`
     ({run: base run}) adds the comparison of each paper's method with its base and the papers' claims; `controls`
     ({control run: paper run}) a step-size control of a `beside` pair, compared with the paper run's base.
     `sampler`: the run whose encoder mines SePP-ID's pairs; unless it is itself compared, it is shown as the
     sampler and kept out of the compared tables. A run with no metrics files yet is listed as not yet trained.
-    `image_size`: the pretraining image size, for the setup box."""
+    `image_size`: the pretraining image size, for the setup box. `recipe_search`: the recipe search's table
+    (benchmarks/recipe_search.py), for the setup box's line on which runs the recipe was searched on."""
     controls, beside, pair_runs = dict(controls or {}), dict(beside or {}), dict(pair_runs or {})
     for ctl, paper in controls.items():
         if paper not in beside or ctl not in runs:
@@ -117,6 +119,7 @@ def build_report(root: str | Path, runs: dict[str, dict], dataset: str, title: s
     sampler_run = (load_group(root, sampler, runs[sampler], (seeds or {}).get(sampler, [default_seed]), default_seed)
                    if sampler and sampler not in untrained else None)
     mine = load_mine(root) if pair_runs else None
+    recipe = load_recipe_search(Path(root) / recipe_search) if recipe_search else None
     refs = load_references(references)
     papers = load_papers(references)
     res = Results(metrics + ([sampler_run] if sampler_run else []), n_boot)
@@ -138,7 +141,7 @@ def build_report(root: str | Path, runs: dict[str, dict], dataset: str, title: s
             figures[name] = png
 
     sections = _sections(metrics, res, comps, results, primary, papers, labels, mine, refs, methods, dataset,
-                         image_size, untrained, waiting, controls, sampler, sampler_run, runs)
+                         image_size, untrained, waiting, controls, sampler, sampler_run, runs, recipe)
     lead = (f"Self-supervised methods pretrained on {dataset} at a small budget (see the setup box) and evaluated on "
             "frozen features; each paper's method is compared, image by image, with the method it builds on. "
             "Accuracies are top-1 in percent on the test split.")
@@ -191,7 +194,7 @@ def _rule(controls: dict[str, str], runs: dict[str, dict], n: int, hits: int) ->
 
 def _sections(metrics, res, comps: list[Comparison], results, primary, papers, labels, mine, refs, methods, dataset,
               image_size, untrained=None, waiting=None, controls=None, sampler=None, sampler_run=None,
-              runs=None) -> list[Section]:
+              runs=None, recipe=None) -> list[Section]:
     out = []
     if comps:
         n, hits = exploratory_count(comps, summary_protocols(metrics), primary, res)
@@ -200,6 +203,8 @@ def _sections(metrics, res, comps: list[Comparison], results, primary, papers, l
         items += [waiting] if waiting else []
         out.append(Section("Summary", items, "summary"))
     facts = setup_facts(metrics + ([sampler_run] if sampler_run else []), res, refs, dataset, image_size)
+    if facts and recipe:
+        facts.insert(-1, ("recipe", recipe_fact(recipe, metrics)))
     if facts:
         out.append(Section("Setup and budget", [Facts(facts), Folded("Glossary", GLOSSARY)], "setup"))
     if results:
@@ -251,7 +256,8 @@ def build(root: str | Path, runs: dict[str, dict], dataset: str, title: str,
           references: str | Path = REFERENCES, pair_runs: dict[str, dict] | None = None,
           beside: dict[str, str] | None = None, seeds: dict[str, list[int]] | None = None,
           default_seed: int = 0, image_size: int | None = None, controls: dict[str, str] | None = None,
-          sampler: str | None = None) -> list[Path]:
+          sampler: str | None = None, recipe_search: str | Path | None = None) -> list[Path]:
     """Build and write the report; returns the written paths."""
     return write_report(build_report(root, runs, dataset, title, references, pair_runs, beside, seeds, default_seed,
-                                     image_size=image_size, controls=controls, sampler=sampler), root)
+                                     image_size=image_size, controls=controls, sampler=sampler,
+                                     recipe_search=recipe_search), root)

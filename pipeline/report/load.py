@@ -214,6 +214,17 @@ def load_mine(root: str | Path) -> dict:
     return _read_json(path, "mine")
 
 
+def load_recipe_search(path: str | Path) -> dict:
+    """The recipe search's table (benchmarks/recipe_search.py, named by report.recipe_search)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"report.recipe_search: {path} not found (python benchmarks/recipe_search.py writes it)")
+    table = _read_json(path, "recipe search")
+    if not isinstance(table.get("families"), dict):
+        raise DataError(f"{path}: no 'families' (not a table of benchmarks/recipe_search.py's round two)")
+    return table
+
+
 def load_references(path: str | Path = REFERENCES) -> list[dict]:
     """The papers' reference numbers; every entry is checked so a typo in the YAML fails loudly."""
     path = Path(path)
