@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import shutil
@@ -34,9 +33,8 @@ from pipeline.device import claim_device  # noqa: E402
 from pipeline.eval.features import extract_features  # noqa: E402
 from pipeline.eval.knn import knn_accuracy  # noqa: E402
 from pipeline.models.encoder_io import load_encoder  # noqa: E402
-from pipeline.train.checkpoint import RunPaths  # noqa: E402
-from pipeline.train.trainer import train  # noqa: E402
 from pipeline.utils import atomic_write_json  # noqa: E402
+from benchmarks.recipe_search import train_resumable  # noqa: E402
 
 K, TEMPERATURE = 200, 0.1
 STRONG = {"crop_scale": [0.08, 1.0], "color_jitter": [0.8, 0.8, 0.8, 0.2]}   # SimCLR's own views (its §B.9, CIFAR)
@@ -125,13 +123,9 @@ def main() -> None:
             if key in rows and rows[key]["config"] == config:
                 print(f"{key}: kNN-200 {rows[key]['knn200']:.2f} (recorded)", flush=True)
                 continue
-            q = P.validate(q, methods=[P.run_spec(q, run)["method"]])
-            root = work / hashlib.sha1(config.encode()).hexdigest()[:16]
-            paths = RunPaths.for_run(root, q["dataset"]["name"], run)
-            paths.shards = shard_dir
             t = time.perf_counter()
-            summary = train(q, run, root, paths=paths)
-            acc = knn_test(q, paths.encoder, shard_dir, device)
+            root, encoder, summary = train_resumable(q, run, config, shard_dir, work)
+            acc = knn_test(q, encoder, shard_dir, device)
             rows[key] = {"experiment": name, "run": run, "variant": label, "change": change, "knn200": acc,
                          "final_loss": summary.get("final_loss"), "wall_s": round(time.perf_counter() - t, 1),
                          "config": config}

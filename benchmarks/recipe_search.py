@@ -142,16 +142,21 @@ class Validation:
         return knn_accuracy(bank, bank_labels, query, query_labels, [K], TEMPERATURE)[K]
 
 
-def score(q: dict, run: str, config: str, shard_dir: Path, validation: Validation, work: Path) -> dict:
-    """Train `run` under `q` and score it. The training lives in a directory named by its configuration, so an
-    interrupted search resumes the training itself from its last checkpoint (the trainer resumes exactly)."""
+def train_resumable(q: dict, run: str, config: str, shard_dir: Path, work: Path) -> tuple[Path, Path, dict]:
+    """Train `run` under `q` in a directory named by its configuration, so an interrupted search resumes the
+    training itself from its last checkpoint (the trainer resumes exactly). Returns (its directory, the encoder,
+    the training summary); the caller removes the directory once the encoder is scored."""
     q = P.validate(q, methods=[P.run_spec(q, run)["method"]])
     root = work / hashlib.sha1(config.encode()).hexdigest()[:16]
     paths = RunPaths.for_run(root, q["dataset"]["name"], run)
     paths.shards = shard_dir
+    return root, paths.encoder, train(q, run, root, paths=paths)
+
+
+def score(q: dict, run: str, config: str, shard_dir: Path, validation: Validation, work: Path) -> dict:
     t = time.perf_counter()
-    summary = train(q, run, root, paths=paths)
-    acc = validation(paths.encoder)
+    root, encoder, summary = train_resumable(q, run, config, shard_dir, work)
+    acc = validation(encoder)
     shutil.rmtree(root, ignore_errors=True)
     return {"knn200": acc, "train_s": round(time.perf_counter() - t, 1), "final_loss": summary.get("final_loss")}
 
