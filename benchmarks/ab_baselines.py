@@ -48,6 +48,9 @@ EXPERIMENTS = {
         "flat lr (the reference's schedule)": {"overrides": {"train": {"warmup_epochs": 0.0, "min_lr_ratio": 1.0}}},
         "no solarisation (the reference's SimCLR views)": {"overrides": {"solarize_p": [0.0, 0.0]}},
         "residual BN gamma 1 (torchvision's init)": {"backbone": {"zero_init_last": False}},
+        "flat lr, no solarisation, residual BN gamma 1 (the three that moved it)": {
+            "backbone": {"zero_init_last": False},
+            "overrides": {"solarize_p": [0.0, 0.0], "train": {"warmup_epochs": 0.0, "min_lr_ratio": 1.0}}},
     }),
     "simclr-strong": ("simclr", {
         "strong views": {"augment": STRONG},
