@@ -1,6 +1,10 @@
-"""Shared fixtures: a tiny synthetic ImageFolder, its shards, and a tiny params mapping."""
+"""Shared fixtures: a tiny synthetic ImageFolder, its shards, a tiny params mapping, and one `dvc repro` of the
+tiny profile per session (the end-to-end and remote tests work on copies of it)."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -8,14 +12,21 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+# the real CIFAR-10 JPEGs beside the checkout (profiles' dataset.root: ../shared/datasets/cifar10-jpg)
+CIFAR = ROOT.parent / "shared/datasets/cifar10-jpg"
 # what a project copy needs to run `dvc repro` (params.yaml and dvc.yaml are rendered in the copy)
 PROJECT_FILES = ["pipeline", "stages", "profiles", ".dvc/config", ".dvcignore", ".gitignore"]
 
 
+def sh(cmd, cwd, check=True, env=None):
+    r = subprocess.run(cmd, cwd=cwd, shell=True, capture_output=True, text=True, env=env)
+    if check and r.returncode:
+        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
 def copy_project(dst: Path) -> Path:
     """The project's code and profiles in `dst` (no data, no reports, no bytecode), for end-to-end runs."""
-    import shutil
-
     for item in PROJECT_FILES:
         src = ROOT / item
         (dst / item).parent.mkdir(parents=True, exist_ok=True)
@@ -89,3 +100,32 @@ def checkout_outputs_untouched():
     after = _checkout_outputs()
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     assert not changed, f"tests wrote into the checkout: {changed[:10]}"
+
+
+@pytest.fixture(scope="session")
+def tiny_repro(tmp_path_factory) -> Path:
+    """`dvc repro` of the tiny profile, once per session, in <top>/proj; <top>/imports holds each stage process's
+    import log (SSLPIPE_IMPORT_LOG). The data lies beside the project as in a checkout (<top>/shared/datasets), so
+    dataset.root stays the profile's relative path: the real CIFAR-10 JPEGs, or where they are absent a synthetic
+    10-class ImageFolder in their place (tests/test_pipeline_e2e.py skips then; tests/test_remote.py does not need them).
+
+    Shared by tests/test_pipeline_e2e.py and tests/test_remote.py and changed by neither: each works on its own copy
+    (`copy_repro`), so neither sees the other's edits, commits or experiments, in any order."""
+    top = tmp_path_factory.mktemp("tiny-repro")
+    dst = copy_project(top / "proj")
+    (top / "shared").mkdir()
+    if CIFAR.is_dir():
+        (top / "shared" / "datasets").symlink_to(CIFAR.parent)
+    else:
+        make_imagefolder(top / "shared/datasets" / CIFAR.name, n_per_class=26, classes=[f"c{i}" for i in range(10)])
+    sh("git init -q && git config user.email t@t && git config user.name t && python -m pipeline.profile tiny", dst)
+    (top / "imports").mkdir()
+    sh("dvc repro", dst, env={**os.environ, "SSLPIPE_IMPORT_LOG": str(top / "imports")})
+    return dst
+
+
+def copy_repro(src: Path, top: Path) -> Path:
+    """A copy of the reproduced project `src` (tiny_repro) and what lies beside it (its import logs, the data link)
+    in the directory `top`: its workspace, git repository and DVC cache. Returns the copy's project directory."""
+    shutil.copytree(src.parent, top, symlinks=True, dirs_exist_ok=True)
+    return top / src.name

@@ -271,12 +271,11 @@ def stage_project(tmp_path: Path, images: Path) -> Path:
     """A copy of the project whose params.yaml is the tiny profile on the 24-image folder `images`."""
     import yaml
 
+    from pipeline.profile import render
     from tests.conftest import copy_project
 
     root = copy_project(tmp_path / "proj")
-    subprocess.run([sys.executable, "-m", "pipeline.profile", "tiny", "--dvc-yaml", "none"], cwd=root, check=True,
-                   capture_output=True)
-    p = yaml.safe_load((root / "params.yaml").read_text())
+    p = yaml.safe_load(render("tiny"))   # what `python -m pipeline.profile tiny` writes (the copy's profiles are ours)
     p["dataset"].update(name="tiny", source="imagefolder", root=str(images))
     p["shard"].update(samples_per_shard=5, max_images=0, workers=1)
     p["evaluate"].update(batch_size=8, num_workers=0)

@@ -7,39 +7,21 @@ that read what changed; each stage process imported exactly the project files dv
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT, copy_project
-
-CIFAR = ROOT.parent / "shared/datasets/cifar10-jpg"
-
-
-def sh(cmd, cwd, check=True, env=None):
-    r = subprocess.run(cmd, cwd=cwd, shell=True, capture_output=True, text=True, env=env)
-    if check and r.returncode:
-        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
+from tests.conftest import CIFAR, copy_repro, sh
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(request, tmp_path_factory):
+    """This module's copy of the session's `dvc repro` of the tiny profile (conftest.tiny_repro: the profile rendered
+    in a fresh copy of the project, the data beside it as in a checkout, every stage run with an import log)."""
     if not CIFAR.is_dir():
         pytest.skip(f"{CIFAR} not present")
-    top = tmp_path_factory.mktemp("e2e")
-    dst = copy_project(top / "proj")
-    # the data beside the project, as in a checkout: dataset.root stays the profile's relative path
-    (top / "shared").mkdir()
-    (top / "shared" / "datasets").symlink_to(CIFAR.parent)
-    sh("git init -q && git config user.email t@t && git config user.name t && python -m pipeline.profile tiny", dst)
-    logs = top / "imports"
-    logs.mkdir()
-    sh("dvc repro", dst, env={**os.environ, "SSLPIPE_IMPORT_LOG": str(logs)})
-    return dst
+    return copy_repro(request.getfixturevalue("tiny_repro"), tmp_path_factory.mktemp("e2e"))
 
 
 def params_of(project):
@@ -73,9 +55,9 @@ def test_every_stage_wrote_its_outputs(project):
     shards = project / "data/shards/cifar10-tiny"
     assert len(list((shards / "train").glob("*.tar"))) == 4 and (shards / "manifest.parquet").exists()
     shard_metrics = json.loads((project / "reports/metrics/shard.json").read_text())
-    assert shard_metrics["images"] == {"train": 1000, "test": 1000} and shard_metrics["skipped_corrupt"] == 0
+    assert shard_metrics["images"] == {"train": 256, "test": 256} and shard_metrics["skipped_corrupt"] == 0
     mine = json.loads((project / "reports/metrics/mine.json").read_text())
-    assert mine["K"] == 100 and 0 < mine["semantic"]["pairs"] <= 2 * 100  # tiny: 10% of 1000, at most 2 per anchor
+    assert mine["K"] == 26 and 0 < mine["semantic"]["pairs"] <= 2 * 26  # tiny: 10% of 256, at most 2 per anchor
     assert mine["random"]["pairs"] == mine["semantic"]["pairs"] and 0 <= mine["semantic"]["pair_accuracy"] <= 1
     for name in ("pairs.parquet", "random.parquet", "semantic/meta.json", "random/meta.json"):
         assert (project / "data/pairs/cifar10-tiny" / name).exists()
@@ -85,7 +67,7 @@ def test_every_stage_wrote_its_outputs(project):
         assert (project / f"data/models/{run}/encoder.safetensors").exists()
         feats, labels, _ = load_features(project / f"data/features/{run}", "train")
         # ResNet-18 at width 8: 8 * 8 channels; ViT-Tiny: 192
-        assert feats.shape == (1000, 64 if spec["backbone"] == "resnet18_w8" else 192) and len(labels) == 1000
+        assert feats.shape == (256, 64 if spec["backbone"] == "resnet18_w8" else 192) and len(labels) == 256
         ev = json.loads((project / f"reports/metrics/evaluate/{run}.json").read_text())
         assert set(ev["knn"]) == {"10", "20", "200"} and 10 <= ev["linear"]["top1"] <= 100
         assert set(ev["semi"]["0.1"]) >= {"logreg", "label_spreading"}
@@ -93,7 +75,7 @@ def test_every_stage_wrote_its_outputs(project):
         assert (project / f"reports/predictions/{run}.parquet").exists()
         pre = json.loads((project / f"reports/metrics/pretrain/{run}.json").read_text())
         extra = mine["semantic"]["pairs"] if spec.get("pairs") else 0  # SePP-ID: originals + pairs per epoch
-        assert pre["steps"] == (0 if spec["method"] == "random" else (1000 + extra) // 64)
+        assert pre["steps"] == (0 if spec["method"] == "random" else (256 + extra) // 64)
         assert (pre["base_run"], pre["seed"]) == (inst["run"], inst["seed"])
     assert "loss" in (project / "reports/plots/pretrain/simclr.csv").read_text().splitlines()[0]
 

@@ -1,23 +1,16 @@
 """Shared artifacts: one clone runs the pipeline and pushes to a DVC remote (a local folder here), a fresh clone
-pulls, and finds nothing to do — `dvc status` clean, `dvc repro` reruns no stage (README "Sharing results")."""
+pulls, and finds nothing to do — `dvc status` clean, `dvc repro` reruns no stage (README "Sharing results").
+
+The clone that ran the pipeline is a copy of the session's `dvc repro` of the tiny profile (conftest.tiny_repro,
+which tests/test_pipeline_e2e.py also copies): the whole DAG (shard, mine, pretrain, features, evaluate, report),
+with its DVC cache and run-cache, reproduced once for both tests."""
 from __future__ import annotations
 
 import subprocess
 
 import pytest
 
-from tests.conftest import copy_project, make_imagefolder
-
-PROFILE = """\
-extends: tiny
-keep_runs: [simclr, random-resnet18_w8]   # the whole DAG (shard, mine, pretrain, features, evaluate, report), small
-dataset: {{root: {root}}}
-shard: {{max_images: 60}}
-train: {{batch_size: 32}}
-mine: {{encoder_run: random-resnet18_w8, layer: backbone}}
-seeds: {{runs: []}}
-"""
-
+from tests.conftest import copy_repro
 
 EXP_SHOW = r"dvc exp show --no-pager --drop '^(?!Experiment$|reports/metrics/summary/{run}\.json:|{run}\.)'"
 
@@ -29,12 +22,9 @@ def sh(cmd: str, cwd) -> str:
 
 
 @pytest.mark.slow
-def test_a_fresh_clone_pulls_everything_and_reruns_nothing(tmp_path):
-    images = make_imagefolder(tmp_path / "images", n_per_class=20)
-    a = copy_project(tmp_path / "a")
-    (a / "profiles/share.yaml").write_text(PROFILE.format(root=images))
-    sh("git init -q && git config user.email t@t && git config user.name t && python -m pipeline.profile share"
-       " && git add -A && git commit -qm init && dvc repro -q", a)
+def test_a_fresh_clone_pulls_everything_and_reruns_nothing(tiny_repro, tmp_path):
+    a = copy_repro(tiny_repro, tmp_path / "a")   # the pipeline run in clone a (its workspace, cache and run-cache)
+    sh("git add -A && git commit -qm init", a)
     remote = tmp_path / "remote"
     sh(f"dvc remote add -d store {remote} && git add -A && git commit -qm results && dvc push --run-cache -q", a)
     assert any(remote.rglob("*")), "nothing pushed"

@@ -82,7 +82,9 @@ train(params(epochs={epochs}), "mocov2", root=Path({proj!r}))
 
 
 def test_killed_process_resumes_from_its_checkpoint(tmp_path, shard_dir):
-    epochs = 40  # 120 steps: long enough to be killed mid-run
+    # 36 steps: killed once the step-10 checkpoint is on disk (polled every 0.2 s), 26 steps before the end. The
+    # resumed run and the reference each train the whole run in this process, so every extra epoch costs twice.
+    epochs = 12
     proj = project(tmp_path, "killed", shard_dir)
     code = SCRIPT.format(root=str(ROOT), epochs=epochs, proj=str(proj))
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -12,8 +12,7 @@ import yaml
 
 from pipeline.eval.feature_cache import load_features
 from pipeline.params import validate
-from tests.conftest import copy_project, make_imagefolder
-from tests.test_pipeline_e2e import sh
+from tests.conftest import copy_project, make_imagefolder, sh
 
 RUNS = ("mocov2-100ep", "mocov2", "leoclr")
 
