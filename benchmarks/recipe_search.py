@@ -13,9 +13,10 @@ that budget depends on the schedule and step size, so they are searched, not gue
   score       kNN-200 top-1 (%) (tau = 0.1, the evaluate stage's protocol) of the frozen backbone.
   families    searched one after the other, each on top of the choices before it:
               sgd     the shared SGD recipe every ResNet method trains with, scored as the mean over its runs
-                      (the two base methods: every compared pair shares it): 1. schedule: warm-up epochs x final lr
-                      ratio (1.0 = flat after warm-up, 0.1 or 0 = cosine to that fraction of the peak); 2. base lr;
-                      3. weight decay;
+                      (the two base methods: every compared pair shares it): 1. the residual branches' last BN
+                      at gamma 0 or 1 (the backbone's init: at this budget it moved NNCLR's test kNN by 3.8 points,
+                      benchmarks/ab_baselines.py); 2. schedule: warm-up epochs x final lr ratio (1.0 = flat after
+                      warm-up, 0.1 or 0 = cosine to that fraction of the peak); 3. base lr; 4. weight decay;
               barlow  the base lr of Barlow Twins and GSSSL, each run on its own (GSSSL's loss sums 2n + 1 terms, so
                       one lr cannot give both the step their papers' LARS gives; issue 26, item 7);
               vit     the AdamW base lr of DINO's ViT recipe (PW-Self inherits it), at `--vit-epochs` instead of the
@@ -27,7 +28,7 @@ that budget depends on the schedule and step size, so they are searched, not gue
 The augmentation (crop scale x jitter strength) was searched in the first round on the same split
 (benchmarks/results/recipe-search-cpu-augment.json) and is not searched again.
 Settings go into each searched run's `overrides.train`, the top of the merge, so a method block's own value (e.g.
-GSSSL's lr) is replaced too. The table is written after every training; train_s is wall time as it ran (taken
+GSSSL's lr) is replaced too; the init goes into the shared backbone block. The table is written after every training; train_s is wall time as it ran (taken
 beside other work, across interruptions: not a throughput measurement).
 """
 from __future__ import annotations
@@ -67,6 +68,12 @@ LR_FACTORS = (0.5, 1.0, 2.0)
 WD_FACTORS = (0.2, 1.0, 2.0)
 
 
+def residual_init(cur: dict, shared: dict) -> list[dict]:
+    """Each residual branch's last BN at gamma 0 (timm's default; SimCLR's and SimSiam's code) or 1 (torchvision's
+    default; MoCo-v2's code). Shared by every run on the backbone, so the choice carries to every ResNet run."""
+    return [{"backbone.zero_init_last": v} for v in (True, False)]
+
+
 def schedule(cur: dict, shared: dict) -> list[dict]:
     return [{"warmup_epochs": w, "min_lr_ratio": m} for w, m in itertools.product(WARMUP, MIN_LR_RATIO)]
 
@@ -91,7 +98,7 @@ def vit_lr(cur: dict, shared: dict) -> list[dict]:
 # family: runs, stages (name, candidates from the first run's current train settings), per_run, epochs
 FAMILIES = {
     "sgd": dict(runs=["simclr", "mocov2"], per_run=False, epochs=None,
-                stages=[("schedule", schedule), ("lr", base_lr(LR_FACTORS)), ("weight_decay", weight_decay)]),
+                stages=[("residual_init", residual_init), ("schedule", schedule), ("lr", base_lr(LR_FACTORS)), ("weight_decay", weight_decay)]),
     "barlow": dict(runs=["barlow_twins", "gsssl"], per_run=True, epochs=None,
                    stages=[("lr", base_lr((0.25, 0.5, 1.0, 2.0)))]),
     "vit": dict(runs=["dino-vit"], per_run=False, epochs="vit", stages=[("lr", vit_lr)]),
@@ -99,15 +106,26 @@ FAMILIES = {
 
 
 def key_of(setting: dict) -> str:
-    return ", ".join(f"train.{k}={v}" for k, v in setting.items())
+    return ", ".join(f"{k if k.startswith('backbone.') else 'train.' + k}={v}" for k, v in setting.items())
+
+
+def current(p: dict, run: str, keys) -> dict:
+    """`run`'s current value of each setting key (train keys, or 'backbone.<key>' of its backbone block)."""
+    _, _, train_cfg, backbone = P.method_config(p, run)
+    defaults = {"zero_init_last": True}   # the backbone builder's defaults (pipeline/models/backbones.py)
+    return {k: backbone.get(k[9:], defaults.get(k[9:])) if k.startswith("backbone.") else train_cfg[k] for k in keys}
 
 
 def apply(p: dict, run: str, setting: dict) -> dict:
-    """`p` with `setting` at the top of `run`'s train merge (its overrides)."""
+    """`p` with `setting` at the top of `run`'s train merge (its overrides); a 'backbone.<key>' setting goes into
+    `run`'s backbone block, which every run on that backbone shares."""
     q = copy.deepcopy(p)
     spec = P.run_spec(q, run)
     over = spec.setdefault("overrides", {})
-    over["train"] = {**over.get("train", {}), **setting}
+    over["train"] = {**over.get("train", {}), **{k: v for k, v in setting.items() if not k.startswith("backbone.")}}
+    for k, v in setting.items():
+        if k.startswith("backbone."):
+            q["backbones"][spec["backbone"]] = {**q["backbones"][spec["backbone"]], k[9:]: v}
     return q
 
 
@@ -182,7 +200,7 @@ def search_family(name: str, fam: dict, p: dict, table: dict, shard_dir: Path, v
         for group in groups:
             cur = P.method_config(p, group[0])[2]
             settings = candidates(cur, p["train"])
-            cur_key = key_of({k: cur[k] for k in settings[0]})
+            cur_key = key_of(current(p, group[0], settings[0]))
             scores, by_key = {}, {}
             for setting in settings:
                 key = key_of(setting)
@@ -191,6 +209,10 @@ def search_family(name: str, fam: dict, p: dict, table: dict, shard_dir: Path, v
                     q = apply(p, run, setting)
                     config = effective(q, run)
                     row = done.get((name, stage, key, run))
+                    if row is not None and row.get("config", config) != config:   # scored on other earlier choices
+                        rows.remove(row)
+                        del done[(name, stage, key, run)]
+                        row = None
                     if row is None and config in by_config:
                         row = {**by_config[config], "family": name, "stage": stage, "setting": key, "reused": True}
                     if row is None:

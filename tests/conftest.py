@@ -18,6 +18,17 @@ CIFAR = ROOT.parent / "shared/datasets/cifar10-jpg"
 PROJECT_FILES = ["pipeline", "stages", "profiles", ".dvc/config", ".dvcignore", ".gitignore"]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (the README's `-n 2`) the workers share the cores: one thread each, in the worker and in
+    every process it starts, since two workers at two threads each on two cores make torch's threads spin-wait on
+    each other. (Results cannot depend on it: no test compares floats more tightly than a reduction order allows.)"""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def sh(cmd, cwd, check=True, env=None):
     r = subprocess.run(cmd, cwd=cwd, shell=True, capture_output=True, text=True, env=env)
     if check and r.returncode:

@@ -1,18 +1,21 @@
 """`dvc repro` of the tiny profile in a temporary copy of the project, on the real CIFAR-10 JPEGs.
 
 Also the DAG's promise, measured with DVC itself: after one edit, `dvc status` marks exactly the stages
-that read what changed; each stage process imported exactly the project files dvc.yaml lists for it; and
-`dvc exp run --queue` / `--temp` run experiments in DVC's temporary copies.
+that read what changed; and each stage process imported exactly the project files dvc.yaml lists for it.
+(`dvc exp run --queue` / `--temp`: tests/test_experiments.py, on a smaller project.)
 """
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import yaml
 
 from tests.conftest import CIFAR, copy_repro, sh
+
+# one pytest-xdist worker (--dist loadgroup) runs both users of the session's tiny `dvc repro`
+# (conftest.tiny_repro), so it is built once
+pytestmark = pytest.mark.xdist_group("tiny_repro")
 
 
 @pytest.fixture(scope="module")
@@ -198,34 +201,3 @@ def test_reverting_a_change_restores_the_encoder_from_the_run_cache(project):
         path.write_text(original)
     out = sh("dvc repro pretrain.simclr", project).stdout
     assert "skipping run" in out and enc.read_bytes() == before, out
-
-
-def test_queued_and_temp_experiments_run_in_dvc_copies(project):
-    """Two queued experiments with different params, run by `dvc queue start`, both in `dvc exp show`."""
-    sh("git add -A && git commit -qm baseline --allow-empty", project)
-    for name, t in (("simclr-t01", 0.1), ("simclr-t09", 0.9)):   # '+': the run has no overrides of its own yet
-        sh(f"dvc exp run --queue -n {name} -S +runs.simclr.overrides.temperature={t}", project)
-    sh("dvc queue start -j 1", project)
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        status = sh("dvc queue status", project).stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            break
-        time.sleep(5)
-    assert "Failed" not in status, status + sh("dvc queue logs simclr-t01", project, check=False).stdout
-    shown = json.loads(sh("dvc exp show --json", project).stdout)
-    exps = {}
-    for entry in shown:
-        for exp in entry.get("experiments") or []:
-            for rev in exp.get("revs", []):
-                name = rev.get("name")
-                data = (rev.get("data") or {})
-                metrics = data.get("metrics", {}).get("reports/metrics/evaluate/simclr.json", {}).get("data", {})
-                if name:
-                    exps[name] = metrics.get("knn")
-    print(f"\n{status}kNN per experiment: {exps}")   # what the closing notes quote (pytest -s)
-    assert {"simclr-t01", "simclr-t09"} <= set(exps), exps
-    assert exps["simclr-t01"] and exps["simclr-t01"] != exps["simclr-t09"]
-    # --temp: a third experiment, run in a temporary copy of the workspace (only the report reruns)
-    r = sh("dvc exp run --temp -n temp-run -S report.title=temp", project)
-    assert "temp-run" in sh("dvc exp list", project).stdout, r.stdout

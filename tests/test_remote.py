@@ -12,6 +12,10 @@ import pytest
 
 from tests.conftest import copy_repro
 
+# one pytest-xdist worker (--dist loadgroup) runs both users of the session's tiny `dvc repro`
+# (conftest.tiny_repro), so it is built once
+pytestmark = pytest.mark.xdist_group("tiny_repro")
+
 EXP_SHOW = r"dvc exp show --no-pager --drop '^(?!Experiment$|reports/metrics/summary/{run}\.json:|{run}\.)'"
 
 

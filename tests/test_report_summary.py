@@ -211,9 +211,12 @@ def test_setup_box_says_which_runs_the_recipe_was_searched_on(tmp_path):
     """Issue 26, item 7: the search covers the compared methods, or the report says it did not."""
     write_all(tmp_path)
     table = {"queries": 5000, "vit_epochs": 4,
-             "families": {"sgd": {"runs": ["simclr", "mocov2"], "per_run": False, "stages": ["schedule", "lr"]},
+             "families": {"sgd": {"runs": ["simclr", "mocov2"], "per_run": False,
+                                  "stages": ["residual_init", "schedule", "lr"]},
                           "barlow": {"runs": ["barlow_twins"], "per_run": True, "stages": ["lr"]}},
-             "chosen": {"sgd": {"schedule (simclr, mocov2)": {"setting": "train.warmup_epochs=0.0, train.min_lr_ratio=1.0",
+             "chosen": {"sgd": {"residual_init (simclr, mocov2)": {"setting": "backbone.zero_init_last=False",
+                                                                   "kept_current": False},
+                                "schedule (simclr, mocov2)": {"setting": "train.warmup_epochs=0.0, train.min_lr_ratio=1.0",
                                                              "kept_current": False},
                                 "lr (simclr, mocov2)": {"setting": "train.lr=0.06", "kept_current": True}}}}
     (tmp_path / "recipe.json").write_text(json.dumps(table))
@@ -221,8 +224,8 @@ def test_setup_box_says_which_runs_the_recipe_was_searched_on(tmp_path):
                           image_size=32, recipe_search="recipe.json")
     setup = dict(re.findall(r"- \*\*(.+?)\*\*: (.+)", rep.markdown.split("# Setup and budget", 1)[1].split("\n# ", 1)[0]))
     recipe = setup["recipe"]
-    assert "Schedule and lr searched on simclr and mocov2 together: no warm-up, flat; base lr 0.06 (the previous " \
-           "value kept)" in recipe
+    assert "Residual init, schedule and lr searched on simclr and mocov2 together: residual branches' last BN at " \
+           "gamma 1; no warm-up, flat; base lr 0.06 (the previous value kept)" in recipe
     assert "Lr for barlow_twins: search not finished" in recipe
     assert recipe.endswith("Not searched: leoclr train with their family's choice.")   # the paper run, unsearched
     assert list(setup).index("recipe") == list(setup).index("why far below the papers") - 1

@@ -95,9 +95,12 @@ def setup_facts(metrics: list[RunMetrics], res: Results, refs: list[dict], datas
 
 
 def _setting_text(setting: str) -> str:
-    """'train.warmup_epochs=0.0, train.min_lr_ratio=1.0' -> 'no warm-up, then flat'; lr / weight decay in words."""
-    kv = dict(part.split("=", 1) for part in setting.replace("train.", "").split(", "))
+    """'train.warmup_epochs=0.0, train.min_lr_ratio=1.0' -> 'no warm-up, then flat'; lr / weight decay / the
+    residual BN init in words."""
+    kv = dict(part.split("=", 1) for part in setting.replace("train.", "").replace("backbone.", "").split(", "))
     out = []
+    if "zero_init_last" in kv:
+        out.append("residual branches' last BN at gamma " + ("0" if kv["zero_init_last"] == "True" else "1"))
     if "warmup_epochs" in kv:
         w, m = float(kv["warmup_epochs"]), float(kv["min_lr_ratio"])
         shape = "flat" if m == 1.0 else ("cosine to 0" if m == 0.0 else f"cosine to {m:g} of the peak")
