@@ -28,8 +28,9 @@ that budget depends on the schedule and step size, so they are searched, not gue
 The augmentation (crop scale x jitter strength) was searched in the first round on the same split
 (benchmarks/results/recipe-search-cpu-augment.json) and is not searched again.
 Settings go into each searched run's `overrides.train`, the top of the merge, so a method block's own value (e.g.
-GSSSL's lr) is replaced too; the init goes into the shared backbone block. The table is written after every training; train_s is wall time as it ran (taken
-beside other work, across interruptions: not a throughput measurement).
+GSSSL's lr) is replaced too; the init goes into the shared backbone block. The table is written after every
+training; train_s is wall time as it ran (taken beside other work, across interruptions: not a throughput
+measurement).
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ from pipeline.data.shards import read_manifest  # noqa: E402
 from pipeline.device import claim_device  # noqa: E402
 from pipeline.eval.features import extract_features  # noqa: E402
 from pipeline.eval.knn import knn_accuracy  # noqa: E402
+from pipeline.models.backbones import ZERO_INIT_LAST  # noqa: E402
 from pipeline.models.encoder_io import load_encoder  # noqa: E402
 from pipeline.train.checkpoint import RunPaths  # noqa: E402
 from pipeline.train.trainer import train  # noqa: E402
@@ -98,7 +100,8 @@ def vit_lr(cur: dict, shared: dict) -> list[dict]:
 # family: runs, stages (name, candidates from the first run's current train settings), per_run, epochs
 FAMILIES = {
     "sgd": dict(runs=["simclr", "mocov2"], per_run=False, epochs=None,
-                stages=[("residual_init", residual_init), ("schedule", schedule), ("lr", base_lr(LR_FACTORS)), ("weight_decay", weight_decay)]),
+                stages=[("residual_init", residual_init), ("schedule", schedule), ("lr", base_lr(LR_FACTORS)),
+                        ("weight_decay", weight_decay)]),
     "barlow": dict(runs=["barlow_twins", "gsssl"], per_run=True, epochs=None,
                    stages=[("lr", base_lr((0.25, 0.5, 1.0, 2.0)))]),
     "vit": dict(runs=["dino-vit"], per_run=False, epochs="vit", stages=[("lr", vit_lr)]),
@@ -112,7 +115,7 @@ def key_of(setting: dict) -> str:
 def current(p: dict, run: str, keys) -> dict:
     """`run`'s current value of each setting key (train keys, or 'backbone.<key>' of its backbone block)."""
     _, _, train_cfg, backbone = P.method_config(p, run)
-    defaults = {"zero_init_last": True}   # the backbone builder's defaults (pipeline/models/backbones.py)
+    defaults = {"zero_init_last": ZERO_INIT_LAST}   # what the backbone builder uses when the key is unset
     return {k: backbone.get(k[9:], defaults.get(k[9:])) if k.startswith("backbone.") else train_cfg[k] for k in keys}
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.recipe_search import FAMILIES, Validation, apply, decide, effective, key_of
+from benchmarks.recipe_search import FAMILIES, Validation, apply, current, decide, effective, key_of
 from pipeline import params as P
 from pipeline.data.shards import read_manifest
 from tests.conftest import tiny_params
@@ -50,3 +50,19 @@ def test_a_setting_changes_only_beyond_two_standard_errors():
     assert decide(scores, "cur", se=0.7) == ("cur", "new", True)
     scores["new"] = [42.0, 31.0]
     assert decide(scores, "cur", se=0.7) == ("new", "new", False)
+
+
+def test_the_residual_init_goes_into_the_shared_backbone_and_is_searched_first():
+    p = tiny_params()
+    backbone = P.run_spec(p, "simclr")["backbone"]
+    assert P.run_spec(p, "mocov2")["backbone"] == backbone
+    assert current(p, "simclr", ["backbone.zero_init_last", "lr"]) == {
+        "backbone.zero_init_last": True, "lr": P.method_config(p, "simclr")[2]["lr"]}   # the builder's default
+    q = apply(p, "simclr", {"backbone.zero_init_last": False})
+    assert q["backbones"][backbone]["zero_init_last"] is False and "zero_init_last" not in p["backbones"][backbone]
+    assert "backbone.zero_init_last" not in P.method_config(q, "simclr")[2]   # not a train key
+    assert P.method_config(q, "mocov2")[3]["zero_init_last"] is False        # every run on that backbone
+    assert effective(q, "simclr") != effective(p, "simclr")
+    assert key_of({"backbone.zero_init_last": False}) == "backbone.zero_init_last=False"
+    stages = [name for name, _ in FAMILIES["sgd"]["stages"]]
+    assert stages[0] == "residual_init" and stages[1] == "schedule"

@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 VIT_DIMS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
+ZERO_INIT_LAST = True   # backbones.<name>.zero_init_last when unset (timm's default)
 
 
 class ResNetBackbone(nn.Module):
-    def __init__(self, arch: str, width: int = 64, cifar_stem: bool = False, zero_init_last: bool = True):
+    def __init__(self, arch: str, width: int = 64, cifar_stem: bool = False,
+                 zero_init_last: bool = ZERO_INIT_LAST):
         super().__init__()
         from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -75,5 +77,5 @@ def build_backbone(cfg: dict, image_size: int) -> nn.Module:
     arch = cfg["arch"]
     if arch.startswith("resnet"):
         return ResNetBackbone(arch, cfg.get("width", 64), cfg.get("cifar_stem", image_size <= 64),
-                              cfg.get("zero_init_last", True))
+                              cfg.get("zero_init_last", ZERO_INIT_LAST))
     return ViTBackbone(arch, image_size, cfg["patch_size"], cfg.get("depth"))
