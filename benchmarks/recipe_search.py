@@ -21,6 +21,9 @@ that budget depends on the schedule and step size, so they are searched, not gue
                       one lr cannot give both the step their papers' LARS gives; issue 26, item 7);
               vit     the AdamW base lr of DINO's ViT recipe (PW-Self inherits it), at `--vit-epochs` instead of the
                       profile's 16 (a 16-epoch ViT training costs ~45 min on 2 cores).
+  edges       a one-number stage (base lr, weight decay) whose best setting lies at an end of its grid gets one more
+              candidate beyond that end, at the grid's own ratio (lr 0.03, 0.06, 0.12 best at 0.12 -> 0.24), up to
+              `MAX_EXTENSIONS` times: an optimum outside the grid is not taken for the grid's end.
   decision    a setting changes only when the best beats the current one by more than two standard errors of
               their difference (each score: one seed on `--queries` images, binomial SE ~0.7 points near 40 %;
               the difference of two means over the same runs has that SE too), otherwise the current one stays
@@ -68,6 +71,7 @@ WARMUP = (0.0, 0.5)
 MIN_LR_RATIO = (1.0, 0.1, 0.0)
 LR_FACTORS = (0.5, 1.0, 2.0)
 WD_FACTORS = (0.2, 1.0, 2.0)
+MAX_EXTENSIONS = 2
 
 
 def residual_init(cur: dict, shared: dict) -> list[dict]:
@@ -92,19 +96,30 @@ def weight_decay(cur: dict, shared: dict) -> list[dict]:
     return [{"weight_decay": float(f"{cur['weight_decay'] * f:.6g}")} for f in WD_FACTORS]
 
 
+def beyond_edge(values, best: float) -> float | None:
+    """The next value past `best` when it is the largest or smallest of `values`, at the ratio of the two values
+    at that end of the grid; None when `best` lies inside the grid."""
+    v = sorted(set(values))
+    if len(v) < 2 or v[0] < best < v[-1]:
+        return None
+    end, inner = (v[-1], v[-2]) if best == v[-1] else (v[0], v[1])
+    return float(f"{end * end / inner:.6g}")
+
+
 def vit_lr(cur: dict, shared: dict) -> list[dict]:
     """AdamW's own scale (the shared lr is SGD's)."""
     return [{"lr": float(f"{cur['lr'] * f:.6g}")} for f in (0.5, 1.0, 2.0)]
 
 
-# family: runs, stages (name, candidates from the first run's current train settings), per_run, epochs
+# family: runs, stages (name, candidates from the first run's current train settings, extended past its edges),
+# per_run, epochs
 FAMILIES = {
     "sgd": dict(runs=["simclr", "mocov2"], per_run=False, epochs=None,
-                stages=[("residual_init", residual_init), ("schedule", schedule), ("lr", base_lr(LR_FACTORS)),
-                        ("weight_decay", weight_decay)]),
+                stages=[("residual_init", residual_init, False), ("schedule", schedule, False),
+                        ("lr", base_lr(LR_FACTORS), True), ("weight_decay", weight_decay, True)]),
     "barlow": dict(runs=["barlow_twins", "gsssl"], per_run=True, epochs=None,
-                   stages=[("lr", base_lr((0.25, 0.5, 1.0, 2.0)))]),
-    "vit": dict(runs=["dino-vit"], per_run=False, epochs="vit", stages=[("lr", vit_lr)]),
+                   stages=[("lr", base_lr((0.25, 0.5, 1.0, 2.0)), True)]),
+    "vit": dict(runs=["dino-vit"], per_run=False, epochs="vit", stages=[("lr", vit_lr, True)]),
 }
 
 
@@ -198,14 +213,15 @@ def search_family(name: str, fam: dict, p: dict, table: dict, shard_dir: Path, v
     for run in runs:   # the monitor costs time and changes nothing in training
         p = apply(p, run, {"knn_monitor": [0, 0], **({"epochs": vit_epochs} if fam["epochs"] == "vit" else {})})
     chosen = {}
-    for stage, candidates in fam["stages"]:
+    for stage, candidates, extend in fam["stages"]:
         groups = [[r] for r in runs] if fam["per_run"] else [runs]
         for group in groups:
             cur = P.method_config(p, group[0])[2]
             settings = candidates(cur, p["train"])
             cur_key = key_of(current(p, group[0], settings[0]))
             scores, by_key = {}, {}
-            for setting in settings:
+            extensions = 0
+            for setting in settings:   # grows while the best lies at an end of the grid (`beyond_edge`)
                 key = key_of(setting)
                 by_key[key] = setting
                 for run in group:
@@ -229,6 +245,14 @@ def search_family(name: str, fam: dict, p: dict, table: dict, shard_dir: Path, v
                     print(f"{name:>6} | {stage:>12} | {key:<50} | {run:>12} | kNN-200 {row['knn200']:6.2f} | "
                           f"{row['train_s']:6.0f} s", flush=True)
                     scores.setdefault(key, []).append(row["knn200"])
+                if extend and setting is settings[-1] and extensions < MAX_EXTENSIONS and len(setting) == 1:
+                    (name_k,) = setting
+                    means = {k: statistics.mean(v) for k, v in scores.items()}
+                    best_value = by_key[max(means, key=means.get)][name_k]
+                    nxt = beyond_edge([s_[name_k] for s_ in settings], best_value)
+                    if nxt is not None:
+                        settings.append({name_k: nxt})
+                        extensions += 1
             pick, best, keep = decide(scores, cur_key, se)
             means = {k: round(statistics.mean(v), 3) for k, v in scores.items()}
             label = f"{stage} ({', '.join(group)})"
@@ -271,7 +295,7 @@ def main() -> None:
                 spec = P.run_spec(p, r)
                 p["methods"][spec["method"]].get("train", {}).pop("batch_size", None)
                 spec.get("overrides", {}).get("train", {}).update(epochs=1)
-            fam["stages"] = [(n, (lambda c, s, f=f: f(c, s)[:2])) for n, f in fam["stages"]]
+            fam["stages"] = [(n, (lambda c, s, f=f: f(c, s)[:2]), False) for n, f, _ in fam["stages"]]
         a.bank, a.queries, a.vit_epochs = 32, 16, 1
     validation = Validation(p, shard_dir, a.bank, a.queries, claim_device())
     out = Path(a.out)
@@ -279,7 +303,7 @@ def main() -> None:
     se = 100 * math.sqrt(0.4 * 0.6 / a.queries)
     table.update(bank=int(len(validation.bank)), queries=a.queries, k=K, temperature=TEMPERATURE, vit_epochs=a.vit_epochs,
                  standard_error_points=se, params=a.params, torch=torch.__version__, threads=torch.get_num_threads(),
-                 families={f: {"runs": v["runs"], "per_run": v["per_run"], "stages": [n for n, _ in v["stages"]]}
+                 families={f: {"runs": v["runs"], "per_run": v["per_run"], "stages": [n for n, *_ in v["stages"]]}
                            for f, v in families.items()})
 
     work = Path(tempfile.mkdtemp()) if a.quick else Path("data/recipe-search")

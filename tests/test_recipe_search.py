@@ -3,10 +3,13 @@ pretraining subset, its queries outside it, and a split that cannot be carved is
 top of a run's merge (a method block's own lr is replaced too), and a stage's current setting is scored once."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
-from benchmarks.recipe_search import FAMILIES, Validation, apply, current, decide, effective, key_of
+import benchmarks.recipe_search as R
+from benchmarks.recipe_search import FAMILIES, Validation, apply, beyond_edge, current, decide, effective, key_of
 from pipeline import params as P
 from pipeline.data.shards import read_manifest
 from tests.conftest import tiny_params
@@ -36,10 +39,10 @@ def test_a_setting_tops_the_merge_and_equal_configs_are_one_training():
 
 
 def test_schedule_grid_has_flat_and_both_cosines_with_and_without_warmup_and_lr_grid_is_shared():
-    stage = dict(FAMILIES["sgd"]["stages"])
+    stage = {n: f for n, f, _ in FAMILIES["sgd"]["stages"]}
     shapes = {(s["warmup_epochs"], s["min_lr_ratio"]) for s in stage["schedule"]({}, {})}
     assert shapes == {(w, m) for w in (0.0, 0.5) for m in (1.0, 0.1, 0.0)}
-    lr = dict(FAMILIES["barlow"]["stages"])["lr"]
+    lr = {n: f for n, f, _ in FAMILIES["barlow"]["stages"]}["lr"]
     grid = [c["lr"] for c in lr({"lr": 0.06}, {"lr": 0.06})]
     assert grid == [0.015, 0.03, 0.06, 0.12]
     assert [c["lr"] for c in lr({"lr": 0.02}, {"lr": 0.06})] == grid + [0.02]   # off-grid current is scored too
@@ -55,6 +58,7 @@ def test_a_setting_changes_only_beyond_two_standard_errors():
 def test_the_residual_init_goes_into_the_shared_backbone_and_is_searched_first():
     p = tiny_params()
     backbone = P.run_spec(p, "simclr")["backbone"]
+    p["backbones"][backbone].pop("zero_init_last", None)   # unset: the builder's default
     assert P.run_spec(p, "mocov2")["backbone"] == backbone
     assert current(p, "simclr", ["backbone.zero_init_last", "lr"]) == {
         "backbone.zero_init_last": True, "lr": P.method_config(p, "simclr")[2]["lr"]}   # the builder's default
@@ -64,5 +68,34 @@ def test_the_residual_init_goes_into_the_shared_backbone_and_is_searched_first()
     assert P.method_config(q, "mocov2")[3]["zero_init_last"] is False        # every run on that backbone
     assert effective(q, "simclr") != effective(p, "simclr")
     assert key_of({"backbone.zero_init_last": False}) == "backbone.zero_init_last=False"
-    stages = [name for name, _ in FAMILIES["sgd"]["stages"]]
+    stages = [name for name, *_ in FAMILIES["sgd"]["stages"]]
     assert stages[0] == "residual_init" and stages[1] == "schedule"
+
+
+def test_beyond_edge_steps_past_either_end_at_the_grids_ratio():
+    assert beyond_edge([0.03, 0.06, 0.12], 0.12) == 0.24
+    assert beyond_edge([0.03, 0.06, 0.12], 0.03) == 0.015
+    assert beyond_edge([1e-4, 5e-4, 1e-3], 1e-3) == 2e-3
+    assert beyond_edge([0.03, 0.06, 0.12], 0.06) is None
+
+
+@pytest.mark.parametrize("peak, tried, chosen", [
+    (0.2, [0.03, 0.06, 0.12, 0.24, 0.48], 0.24),    # best at the top end twice: extended until it lies inside
+    (0.05, [0.03, 0.06, 0.12], 0.06),               # best inside: the grid as given
+    (10.0, [0.03, 0.06, 0.12, 0.24, 0.48], 0.48),   # still at the end after MAX_EXTENSIONS: stops there
+])
+def test_a_one_number_stage_is_extended_while_its_best_lies_at_an_end(monkeypatch, peak, tried, chosen):
+    def score(q, run, config, *_):   # a score peaked at `peak` on a log scale, the same for both runs
+        return {"knn200": 40.0 - 3 * abs(math.log2(P.method_config(q, run)[2]["lr"] / peak)), "train_s": 0.0,
+                "final_loss": None}
+
+    monkeypatch.setattr(R, "score", score)
+    p = tiny_params(**{"train.lr": 0.06})
+    for run in ("simclr", "mocov2"):
+        P.method_config(p, run)[1].get("train", {}).pop("lr", None)
+    fam = {"runs": ["simclr", "mocov2"], "per_run": False, "epochs": None,
+           "stages": [("lr", R.base_lr((0.5, 1.0, 2.0)), True)]}
+    table = {}
+    q = R.search_family("sgd", fam, p, table, None, None, 0.7, 1, lambda: None, None)
+    assert [float(r["setting"].split("=")[1]) for r in table["rows"] if r["run"] == "simclr"] == tried
+    assert q["train"]["lr"] == chosen
