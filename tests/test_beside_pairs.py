@@ -61,8 +61,9 @@ ALLOWED = {
         "step.loss_terms": "GSSSL Alg. 1: 2n Barlow Twins terms and the rank-k triplet",
         "step.reduction": "GSSSL Alg. 1 sums its terms ('total')",
         "step.gradient_scale": "GSSSL's summed terms; its lr is set against it (train.lr)",
-        "train.lr": "GSSSL §4.1: 0.3 (Barlow Twins §4: 0.2); on CPU the loss sums 2n Barlow Twins terms: the lr "
-                    "keeps the step on Barlow Twins' scale (profiles/cpu.yaml)",
+        "train.lr": "GSSSL §4.1: 0.3 (Barlow Twins §4: 0.2); on CPU (SGD, no LARS to normalise the summed 2n "
+                    "terms' step) each run's lr is chosen by the validation search on its own (profiles/cpu.yaml, "
+                    "benchmarks/recipe_search.py barlow)",
         **dict.fromkeys(("train.batch_size", "train.epochs"), "GSSSL §4.1: batch 100, 30 epochs (its convergence "
                                                               "claim, Table 1), against Barlow Twins' own"),
     },
