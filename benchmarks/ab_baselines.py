@@ -62,6 +62,9 @@ EXPERIMENTS = {
         "strong views, residual BN gamma 1": {"augment": STRONG, "backbone": {"zero_init_last": False}},
         "strong views, flat lr": {"augment": STRONG,
                                   "overrides": {"train": {"warmup_epochs": 0.0, "min_lr_ratio": 1.0}}},
+        "strong views, residual BN gamma 1, flat lr (the two that moved it)": {
+            "augment": STRONG, "backbone": {"zero_init_last": False},
+            "overrides": {"train": {"warmup_epochs": 0.0, "min_lr_ratio": 1.0}}},
     }),
 }
 
