@@ -160,6 +160,22 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
+def device_model(device: torch.device) -> str:
+    """The hardware a wall time was taken on: the GPU's name, or the CPU's model and the threads torch uses
+    (a wall time or views/s is comparable only with one taken on the same hardware)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    import platform
+    return f"{model or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
 def amp_dtype_of(train_cfg: dict, device: torch.device):
     """The autocast dtype the trainer uses: `train.amp` on CUDA, none on the CPU."""
     if torch.device(device).type != "cuda":

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.device import device_model
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.checkpoint import AsyncWriter, Progress, RunPaths, cpu_snapshot
 from pipeline.train.trainer import FiniteGuard, TrainingError, train
@@ -132,7 +133,8 @@ def test_identical_training_gives_a_byte_identical_encoder(tmp_path, shard_dir):
     assert (a / cfg).read_bytes() == (b / cfg).read_bytes()
     state = json.loads((a / cfg).read_text())
     assert set(state["meta"]) == {"run", "method", "seed", "backbone", "epochs", "steps"} and state["meta"]["steps"] == 3
-    assert "wall_time_s" in json.loads((a / "data/models/simclr/train.json").read_text())  # timings live here
+    timings = json.loads((a / "data/models/simclr/train.json").read_text())   # timings live here, with their machine
+    assert "wall_time_s" in timings and timings["timed_on"] == [device_model(torch.device("cpu"))]
 
     # a rerun of the finished run resumes at its end and rewrites the same bytes; without the checkpoint
     # directory it trains again and still does

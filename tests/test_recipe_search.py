@@ -39,10 +39,10 @@ def test_a_setting_tops_the_merge_and_equal_configs_are_one_training():
 
 
 def test_schedule_grid_has_flat_and_both_cosines_with_and_without_warmup_and_lr_grid_is_shared():
-    stage = {n: f for n, f, _ in FAMILIES["sgd"]["stages"]}
+    stage = {st.name: st.candidates for st in FAMILIES["sgd"]["stages"]}
     shapes = {(s["warmup_epochs"], s["min_lr_ratio"]) for s in stage["schedule"]({}, {})}
     assert shapes == {(w, m) for w in (0.0, 0.5) for m in (1.0, 0.1, 0.0)}
-    lr = {n: f for n, f, _ in FAMILIES["barlow"]["stages"]}["lr"]
+    lr = {st.name: st.candidates for st in FAMILIES["barlow"]["stages"]}["lr"]
     grid = [c["lr"] for c in lr({"lr": 0.06}, {"lr": 0.06})]
     assert grid == [0.015, 0.03, 0.06, 0.12]
     assert [c["lr"] for c in lr({"lr": 0.02}, {"lr": 0.06})] == grid + [0.02]   # off-grid current is scored too
@@ -68,7 +68,7 @@ def test_the_residual_init_goes_into_the_shared_backbone_and_is_searched_first()
     assert P.method_config(q, "mocov2")[3]["zero_init_last"] is False        # every run on that backbone
     assert effective(q, "simclr") != effective(p, "simclr")
     assert key_of({"backbone.zero_init_last": False}) == "backbone.zero_init_last=False"
-    stages = [name for name, *_ in FAMILIES["sgd"]["stages"]]
+    stages = [st.name for st in FAMILIES["sgd"]["stages"]]
     assert stages[0] == "residual_init" and stages[1] == "schedule"
 
 
@@ -94,8 +94,52 @@ def test_a_one_number_stage_is_extended_while_its_best_lies_at_an_end(monkeypatc
     for run in ("simclr", "mocov2"):
         P.method_config(p, run)[1].get("train", {}).pop("lr", None)
     fam = {"runs": ["simclr", "mocov2"], "per_run": False, "epochs": None,
-           "stages": [("lr", R.base_lr((0.5, 1.0, 2.0)), True)]}
+           "stages": [R.Stage("lr", R.base_lr((0.5, 1.0, 2.0)), True)]}
     table = {}
     q = R.search_family("sgd", fam, p, table, None, None, 0.7, 1, lambda: None, None)
     assert [float(r["setting"].split("=")[1]) for r in table["rows"] if r["run"] == "simclr"] == tried
     assert q["train"]["lr"] == chosen
+
+
+def test_the_barlow_familys_init_is_its_own_shared_by_the_pair_and_scored_on_three_seeds(monkeypatch):
+    """The Barlow family searches the init on a copy of the backbone block (the sgd family's choice stays on
+    every other run), one setting for both runs of the pair, each setting scored as the mean over the
+    three training seeds of the pair's base (the sgd family's recipe is chosen on its bases too); its lr is then
+    searched per run on seed 0."""
+    trained = []
+
+    def score(q, run, config, *_):   # gamma 0 helps seeds 1 and 2 only: one seed would keep gamma 1
+        gamma0 = P.method_config(q, run)[3]["zero_init_last"]
+        trained.append(run)
+        return {"knn200": 30.0 + (4.0 if gamma0 and run[-3:] in ("-s1", "-s2") else 0.0)
+                - (9.0 if gamma0 and run.startswith("gsssl") else 0.0), "train_s": 0.0, "final_loss": None}
+
+    monkeypatch.setattr(R, "score", score)
+    p = tiny_params(**{"seeds.values": [0, 1, 2], "seeds.runs": ["barlow_twins", "gsssl"], "seed": 0})
+    shared = P.run_spec(p, "simclr")["backbone"]
+    for run in ("barlow_twins", "gsssl", "simclr"):
+        P.run_spec(p, run)["backbone"] = shared
+    p["backbones"][shared]["zero_init_last"] = False
+    table = {}
+    fam = {**FAMILIES["barlow"], "stages": [FAMILIES["barlow"]["stages"][0]]}
+    q = R.search_family("barlow", fam, p, table, None, None, 0.7, 1, lambda: None, None)
+    init_rows = [(r["run"], r["setting"]) for r in table["rows"] if r["stage"] == "residual_init"]
+    assert sorted({run for run, _ in init_rows}) == ["barlow_twins", "barlow_twins-s1", "barlow_twins-s2"]
+    assert len(init_rows) == 6 and sorted(set(trained)) == sorted({run for run, _ in init_rows})   # on the base
+    (label, pick), = table["chosen"]["barlow"].items()
+    assert label == "residual_init (barlow_twins, gsssl), scored on barlow_twins, 3 seeds"
+    assert pick["setting"] == "backbone.zero_init_last=True" and not pick["kept_current"]
+    assert P.method_config(q, "barlow_twins")[3]["zero_init_last"] is True
+    assert P.method_config(q, "gsssl")[3] == P.method_config(q, "barlow_twins")[3]     # one init for the pair
+    assert P.method_config(q, "simclr")[3]["zero_init_last"] is False                  # the sgd family's stays
+    assert p["backbones"][shared]["zero_init_last"] is False and P.run_spec(p, "gsssl")["backbone"] == shared
+    lr = FAMILIES["barlow"]["stages"][1]
+    assert lr.name == "lr" and lr.seeds == 1 and lr.per_run is None and FAMILIES["barlow"]["per_run"]
+
+
+def test_seed_instances_name_each_seed_as_the_pipeline_does():
+    p = tiny_params(**{"seeds.values": [0, 1, 2], "seeds.runs": ["barlow_twins"], "seed": 0})
+    assert R.seed_instances(p, ["barlow_twins"], 1) == ["barlow_twins"]
+    assert R.seed_instances(p, ["barlow_twins"], 3) == ["barlow_twins", "barlow_twins-s1", "barlow_twins-s2"]
+    with pytest.raises(SystemExit, match="seeds.values has 3"):
+        R.seed_instances(p, ["barlow_twins"], 4)

@@ -213,12 +213,17 @@ def test_setup_box_says_which_runs_the_recipe_was_searched_on(tmp_path):
     table = {"queries": 5000, "vit_epochs": 4,
              "families": {"sgd": {"runs": ["simclr", "mocov2"], "per_run": False,
                                   "stages": ["residual_init", "schedule", "lr"]},
-                          "barlow": {"runs": ["barlow_twins"], "per_run": True, "stages": ["lr"]}},
+                          "barlow": {"runs": ["barlow_twins"], "per_run": True, "stages": ["lr"]},
+                          "bt": {"runs": ["barlow_twins", "gsssl"], "per_run": True, "stages": ["residual_init", "lr"],
+                                 "seeds": {"residual_init": 3}, "scored_on": {"residual_init": ["barlow_twins"]}}},
              "chosen": {"sgd": {"residual_init (simclr, mocov2)": {"setting": "backbone.zero_init_last=False",
                                                                    "kept_current": False},
                                 "schedule (simclr, mocov2)": {"setting": "train.warmup_epochs=0.0, train.min_lr_ratio=1.0",
                                                              "kept_current": False},
-                                "lr (simclr, mocov2)": {"setting": "train.lr=0.06", "kept_current": True}}}}
+                                "lr (simclr, mocov2)": {"setting": "train.lr=0.06", "kept_current": True}},
+                        "bt": {"residual_init (barlow_twins, gsssl), scored on barlow_twins, 3 seeds": {
+                            "setting": "backbone.zero_init_last=True", "kept_current": False},
+                               "lr (barlow_twins)": {"setting": "train.lr=0.03", "kept_current": True}}}}
     (tmp_path / "recipe.json").write_text(json.dumps(table))
     rep = rb.build_report(tmp_path, RUNS, "cifar10", "T", beside={"leoclr": "mocov2"}, seeds=SEEDS, n_boot=50,
                           image_size=32, recipe_search="recipe.json")
@@ -227,8 +232,33 @@ def test_setup_box_says_which_runs_the_recipe_was_searched_on(tmp_path):
     assert "Residual init, schedule and lr searched on simclr and mocov2 together: residual branches' last BN at " \
            "gamma 1; no warm-up, flat; base lr 0.06 (the previous value kept)" in recipe
     assert "Lr for barlow_twins: search not finished" in recipe
+    assert ("Residual init and lr searched on barlow_twins and gsssl each on its own: residual branches' last BN at "
+            "gamma 0 (one for all, scored on barlow_twins over 3 seeds); base lr 0.03 (the previous value kept)") in recipe
+    assert "one seed per setting unless said" in recipe
     assert recipe.endswith("Not searched: leoclr train with their family's choice.")   # the paper run, unsearched
     assert list(setup).index("recipe") == list(setup).index("why far below the papers") - 1
     (tmp_path / "recipe.json").write_text("{}")
     with pytest.raises(rb.DataError, match="recipe.json: no 'families'"):
         rb.build_report(tmp_path, RUNS, "cifar10", "T", seeds=SEEDS, n_boot=50, recipe_search="recipe.json")
+
+
+def test_hardware_names_what_timed_each_run_and_flags_mixed_machines():
+    """Wall times compare only on one machine: the setup names the hardware each instance was timed on, and a
+    run resumed on other hardware (train.json's timed_on lists two) is named."""
+    from types import SimpleNamespace
+
+    from pipeline.report.budget import _hardware
+
+    def inst(run, *timed_on):
+        return SimpleNamespace(pretrain={"run": run, "device": "cpu", "world_size": 1, "timed_on": list(timed_on)})
+
+    def metrics(*insts):
+        return [SimpleNamespace(run=i.pretrain["run"], trained=True, instances=[i], pretrain=i.pretrain) for i in insts]
+
+    one = _hardware(metrics(inst("a", "CPU X, 2 threads"), inst("b", "CPU X, 2 threads")))
+    assert one == "CPU, one process per run; timed on CPU X, 2 threads"
+    two = _hardware(metrics(inst("a", "CPU X, 2 threads"), inst("b", "CPU Y, 2 threads", "CPU X, 2 threads")))
+    assert "CPU X, 2 threads (2 run instances) and CPU Y, 2 threads (1 run instances)" in two
+    assert "compare only between runs timed on the same one" in two and two.endswith(
+        "b resumed on other hardware (their wall times mix two machines)")
+    assert _hardware(metrics(inst("a"))) == "CPU, one process per run"   # trained before timed_on was recorded

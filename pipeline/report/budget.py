@@ -46,6 +46,23 @@ def _hardware(metrics: list[RunMetrics]) -> str:
     text = f"{'/'.join(d.upper() if d == 'cpu' else d for d in devices)}, {n} per run"
     if cores:
         text += f", {'/'.join(map(str, cores))} cores"
+    # which hardware timed each instance (train.json's timed_on): wall times compare only within one machine
+    on: dict[str, int] = {}
+    mixed = []
+    for m in metrics:
+        for i in (m.instances or [m]) if m.trained else []:
+            models = i.pretrain.get("timed_on") or []
+            if len(models) > 1:
+                mixed.append(i.pretrain.get("run") or m.run)
+            for model in models:
+                on[model] = on.get(model, 0) + 1
+    if len(on) == 1:
+        text += f"; timed on {next(iter(on))}"
+    elif on:
+        text += ("; timed on " + _join([f"{k} ({v} run instances)" for k, v in sorted(on.items())])
+                 + ": wall times and views/s compare only between runs timed on the same one")
+    if mixed:
+        text += f"; {_join(sorted(mixed))} resumed on other hardware (their wall times mix two machines)"
     return text
 
 
@@ -112,6 +129,16 @@ def _setting_text(setting: str) -> str:
     return ", ".join(out)
 
 
+def _stage_note(spec: dict, stage: str) -> str:
+    """' (one for all, scored on barlow_twins over 3 seeds)' where a stage differs from its family's one-seed rule."""
+    seeds = (spec.get("seeds") or {}).get(stage, 1)
+    on = (spec.get("scored_on") or {}).get(stage)
+    if seeds == 1 and not on:
+        return ""
+    return (" (one for all" + (f", scored on {_join(on)}" if on else "") + (f" over {seeds} seeds" if seeds > 1 else "")
+            + ")")
+
+
 def recipe_fact(table: dict, metrics: list[RunMetrics]) -> str:
     """Which runs the recipe was searched on, what each family chose, and which runs inherit it unsearched
     (issue 26, item 7: the search covers the compared methods, or the report says it did not)."""
@@ -125,14 +152,15 @@ def recipe_fact(table: dict, metrics: list[RunMetrics]) -> str:
         if not chosen:
             parts.append(f"{what} for {_join(runs)}{epochs}: search not finished, the profile's values stand")
             continue
-        picks = "; ".join(_setting_text(c["setting"]) + ("" if not c["kept_current"] else " (the previous value kept)")
-                          for c in chosen.values())
+        picks = "; ".join(_setting_text(c["setting"]) + _stage_note(spec, label.split(" (")[0])
+                          + ("" if not c["kept_current"] else " (the previous value kept)")
+                          for label, c in chosen.items())
         who = (f"{_join(runs)} each on its own" if spec.get("per_run") else
                f"{_join(runs)} together")
         parts.append(f"{what} searched on {who}{epochs}: {picks}")
     others = sorted({m.run for m in metrics if m.trained and m.method != "random"} - searched)
     text = ("Searched on a validation split carved from the training images (kNN-200 of "
-            f"{int(table.get('queries', 0)):,} held-out images, one seed per setting): " + ". ".join(parts) + ". ")
+            f"{int(table.get('queries', 0)):,} held-out images, one seed per setting unless said): " + ". ".join(parts) + ". ")
     if others:
         text += f"Not searched: {_join(others)} train with their family's choice."
     return text

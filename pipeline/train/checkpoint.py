@@ -72,6 +72,7 @@ class Progress:
     epoch_views: int = 0
     epoch_time_s: float = 0.0
     knn_init: float | None = None                     # the kNN monitor before the first step
+    timed_on: list = field(default_factory=list)      # the hardware (device_model) each stretch of steps ran on
 
     def to_dict(self) -> dict:
         """Plain Python values (the loss sums read off the device: a checkpoint is a sync point anyway)."""

@@ -32,7 +32,7 @@ from pipeline import paths as layout
 from pipeline.train.live import LiveLog
 from pipeline.train.checkpoint import Checkpointer, Progress, RunPaths, fingerprint, numerics, seed_everything
 from pipeline.train.optim import build_optimizer, clip_gradients, cosine_ramp, lr_at, peak_lr, set_lr, set_weight_decay
-from pipeline.device import claim_device, set_deterministic
+from pipeline.device import claim_device, device_model, set_deterministic
 from pipeline.utils import atomic_write_json, atomic_write_text
 
 # train keys that change how fast a run goes (or what it reports), not what it computes: they may differ on resume
@@ -278,6 +278,8 @@ def _train(p: dict, run: str, root: Path, max_steps: int | None, paths: RunPaths
         checkpoints.save(method, opt, scaler, progress)
         faults.point("checkpoint")
 
+    if device_model(device) not in progress.timed_on:   # a resume on other hardware: its wall time mixes the two
+        progress.timed_on.append(device_model(device))
     live = LiveLog(root / layout.live(run), progress.step, enabled=dist.is_main())   # DVCLive's layout, as it trains
     if monitor is not None and progress.step == 0 and progress.knn_init is None:
         progress.knn_init = monitor_knn(0)
@@ -350,7 +352,7 @@ def _train(p: dict, run: str, root: Path, max_steps: int | None, paths: RunPaths
         bar.close()
         checkpoints.wait()  # the last checkpoint is on disk before the run returns (or raises)
 
-    summary.update(steps=progress.step, wall_time_s=progress.elapsed_s, views_per_s=progress.views / max(progress.elapsed_s, 1e-9),
+    summary.update(timed_on=progress.timed_on, steps=progress.step, wall_time_s=progress.elapsed_s, views_per_s=progress.views / max(progress.elapsed_s, 1e-9),
                    final_loss=progress.history[-1]["loss"] if progress.history else None,
                    steps_per_epoch=steps_per_epoch, batch_size=train_cfg["batch_size"], train_images=stream.n_samples)
     if paths.pairs is not None:
