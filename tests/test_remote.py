@@ -6,11 +6,14 @@ which tests/test_pipeline_e2e.py also copies): the whole DAG (shard, mine, pretr
 with its DVC cache and run-cache, reproduced once for both tests."""
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 
 import pytest
+import yaml
 
-from tests.conftest import copy_repro
+from tests.conftest import ROOT, copy_repro
 
 # one pytest-xdist worker (--dist loadgroup) runs both users of the session's tiny `dvc repro`
 # (conftest.tiny_repro), so it is built once
@@ -46,3 +49,27 @@ def test_a_fresh_clone_pulls_everything_and_reruns_nothing(tiny_repro, tmp_path)
     table = sh(f"COLUMNS=160 {EXP_SHOW.format(run='simclr')}", b)
     assert "simclr.knn200" in table and "simclr.views_s" in table and "…" not in table, table
     assert max(len(line) for line in table.splitlines()) <= 160
+
+
+@pytest.mark.slow
+def test_the_committed_artifacts_restore_the_encoders_in_a_fresh_clone(tiny_repro, tmp_path):
+    """scripts/artifacts.sh keeps the expensive outputs (every pretrain stage's, the mine stage's) in the
+    repository's own DVC remote: a fresh clone restores them byte for byte, and once the shard stage is rebuilt
+    (byte-identical) no pretrain or mine stage is stale; features and evaluation are not kept."""
+    a = copy_repro(tiny_repro, tmp_path / "a")
+    shutil.copytree(ROOT / "scripts", a / "scripts")
+    sh("git add -A && git commit -qm init", a)
+    out = sh("bash scripts/artifacts.sh push && git add artifacts && git commit -qm artifacts", a)
+    kept = [s for s in yaml.safe_load((a / "dvc.lock").read_text())["stages"] if s.startswith("pretrain.") or s == "mine"]
+    assert f"pushed {len(kept)} stages" in out and len(kept) > 5
+
+    b = a.parent / "clone"    # beside the data link, as the checkout is
+    sh(f"git clone -q {a} {b}", a.parent)
+    assert not (b / "data/models").exists()
+    sh("bash scripts/artifacts.sh pull", b)
+    enc = "data/models/simclr/encoder.safetensors"
+    assert (b / enc).read_bytes() == (a / enc).read_bytes()
+    assert not (b / "data/features").exists()                      # cheap outputs are rebuilt, not kept
+    sh("dvc repro -q shard", b)
+    status = subprocess.run(["dvc", "status", "--json", *kept], cwd=b, capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout or "{}") == {}, status.stdout[-2000:]
