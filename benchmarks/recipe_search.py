@@ -314,6 +314,8 @@ def search_family(name: str, fam: dict, p: dict, table: dict, shard_dir: Path, v
                              "best_mean_knn200": means[best], "kept_current": keep, "means": means}
             for run in group:   # the next stage searches on top of this one's choice
                 p = apply(p, run, by_key[pick])
+            table.setdefault("chosen", {})[name] = dict(chosen)   # a stopped search leaves no stale choice behind
+            save()
             print(f"{name}: {label}: {'kept' if keep else 'chose'} {pick} (mean {means[pick]:.2f}; current "
                   f"{cur_key} {means.get(cur_key)}; best {best} {means[best]:.2f}; 2 SE = {2 * se:.2f})", flush=True)
     if name == "sgd":   # the shared recipe: later families inherit it through the train block

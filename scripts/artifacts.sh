@@ -10,15 +10,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# the kept stages of dvc.lock; for push, only those whose outputs are in the workspace as the lock records them
-stages() {
-  python - "$1" <<'EOF'
-import subprocess, sys, yaml
+# the kept stages of dvc.lock whose outputs are in the workspace as the lock records them
+finished() {
+  python - <<'EOF'
+import subprocess, yaml
 lock = yaml.safe_load(open("dvc.lock"))["stages"]
 kept = [s for s in lock if s.startswith("pretrain.") or s == "mine"]
-if sys.argv[1] == "push" and kept:
-    # `dvc status` names a stage whose outputs are missing or differ from the lock; push only the others
-    out = subprocess.run(["dvc", "status", "--json", *kept], capture_output=True, text=True, check=True).stdout
+if kept:
+    # `dvc status` names each stage whose outputs are missing or differ from the lock (or whose inputs changed
+    # since): push only the others (one pass over dvc.yaml; stage targets would cost a pass each)
+    out = subprocess.run(["dvc", "status", "--json"], capture_output=True, text=True, check=True).stdout
     import json
     stale = set(json.loads(out or "{}"))
     kept = [s for s in kept if s not in stale]
@@ -28,14 +29,13 @@ EOF
 
 case "${1:-}" in
   push)
-    s=$(stages push)
+    s=$(finished)
     [ -n "$s" ] || { echo "artifacts.sh: no finished pretrain or mine stage in the workspace" >&2; exit 1; }
     dvc push -q -r artifacts $s
     echo "artifacts.sh: pushed $(wc -w <<<"$s") stages; commit them: git add artifacts dvc.lock" ;;
-  pull)
-    s=$(stages pull)
-    dvc pull -q -r artifacts --allow-missing $s
-    echo "artifacts.sh: restored what artifacts/ holds of $(wc -w <<<"$s") stages; dvc repro rebuilds the rest" ;;
+  pull)   # every output of the lock that artifacts/ holds (one pass over dvc.yaml: stage targets cost one each)
+    dvc pull -q -r artifacts --allow-missing
+    echo "artifacts.sh: restored what artifacts/ holds of the committed dvc.lock; dvc repro rebuilds the rest" ;;
   prune)
     dvc gc -q -f -w -c -r artifacts ;;
   *)
