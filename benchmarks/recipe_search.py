@@ -171,6 +171,14 @@ def own_backbone(p: dict, family: str, runs: list[str]) -> dict:
     return q
 
 
+def describe(fam: dict) -> dict:
+    """What the table records of a family: its runs and stages, and where a stage departs from the family's rule."""
+    return {"runs": fam["runs"], "per_run": fam["per_run"], "stages": [st.name for st in fam["stages"]],
+            "seeds": {st.name: st.seeds for st in fam["stages"] if st.seeds > 1},
+            "scored_on": {st.name: list(st.scored_on) for st in fam["stages"] if st.scored_on},
+            "own_backbone": bool(fam.get("own_backbone"))}
+
+
 def key_of(setting: dict) -> str:
     return ", ".join(f"{k if k.startswith('backbone.') else 'train.' + k}={v}" for k, v in setting.items())
 
@@ -357,13 +365,11 @@ def main() -> None:
     out = Path(a.out)
     table = {} if a.quick or not out.exists() else json.loads(out.read_text())
     se = 100 * math.sqrt(0.4 * 0.6 / a.queries)
-    searched = {f: {"runs": v["runs"], "per_run": v["per_run"], "stages": [st.name for st in v["stages"]],
-                    "seeds": {st.name: st.seeds for st in v["stages"] if st.seeds > 1},
-                    "scored_on": {st.name: list(st.scored_on) for st in v["stages"] if st.scored_on},
-                    "own_backbone": bool(v.get("own_backbone"))} for f, v in families.items()}
+    # every family with choices in the table is described (an earlier invocation's too), this one's as searched now
+    described = {f: families.get(f, FAMILIES[f]) for f in FAMILIES if f in families or f in (table.get("chosen") or {})}
     table.update(bank=int(len(validation.bank)), queries=a.queries, k=K, temperature=TEMPERATURE, vit_epochs=a.vit_epochs,
                  standard_error_points=se, params=a.params, torch=torch.__version__, threads=torch.get_num_threads(),
-                 families={**(table.get("families") or {}), **searched})   # an earlier invocation's families stay
+                 families={f: describe(v) for f, v in described.items()})
 
     work = Path(tempfile.mkdtemp()) if a.quick else Path("data/recipe-search")
 

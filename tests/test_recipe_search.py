@@ -143,3 +143,12 @@ def test_seed_instances_name_each_seed_as_the_pipeline_does():
     assert R.seed_instances(p, ["barlow_twins"], 3) == ["barlow_twins", "barlow_twins-s1", "barlow_twins-s2"]
     with pytest.raises(SystemExit, match="seeds.values has 3"):
         R.seed_instances(p, ["barlow_twins"], 4)
+
+
+def test_the_table_describes_every_family_it_holds_choices_for():
+    """The report's recipe line reads the families from the table: a family searched by an earlier invocation
+    (its choices in the table) stays described when another family is searched."""
+    d = R.describe(FAMILIES["barlow"])
+    assert d["stages"] == ["residual_init", "lr"] and d["seeds"] == {"residual_init": 3}
+    assert d["scored_on"] == {"residual_init": ["barlow_twins"]} and d["own_backbone"] and d["per_run"]
+    assert R.describe(FAMILIES["sgd"])["seeds"] == {} and not R.describe(FAMILIES["sgd"])["own_backbone"]
