@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import platform
 import re
 import sys
 import tempfile
@@ -172,7 +173,6 @@ def device_model(device: torch.device) -> str:
             if line.lower().startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    import platform
     return f"{model or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
