@@ -35,6 +35,7 @@ case "${1:-}" in
     echo "artifacts.sh: pushed $(wc -w <<<"$s") stages; commit them: git add artifacts dvc.lock" ;;
   pull)   # every output of the lock that artifacts/ holds (one pass over dvc.yaml: stage targets cost one each)
     dvc pull -q -r artifacts --allow-missing
+    find data -mindepth 1 -type d -empty -delete   # the directories of outputs it does not hold, left empty
     echo "artifacts.sh: restored what artifacts/ holds of the committed dvc.lock; dvc repro rebuilds the rest" ;;
   prune)
     dvc gc -q -f -w -c -r artifacts ;;

@@ -70,6 +70,7 @@ def test_the_committed_artifacts_restore_the_encoders_in_a_fresh_clone(tiny_repr
     enc = "data/models/simclr/encoder.safetensors"
     assert (b / enc).read_bytes() == (a / enc).read_bytes()
     assert not (b / "data/features").exists()                      # cheap outputs are rebuilt, not kept
+    assert not [d for d in (b / "data").rglob("*") if d.is_dir() and not any(d.iterdir())]   # no empty leftovers
     sh("dvc repro -q shard", b)
     status = subprocess.run(["dvc", "status", "--json", *kept], cwd=b, capture_output=True, text=True, check=True)
     assert json.loads(status.stdout or "{}") == {}, status.stdout[-2000:]
