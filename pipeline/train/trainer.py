@@ -278,8 +278,9 @@ def _train(p: dict, run: str, root: Path, max_steps: int | None, paths: RunPaths
         checkpoints.save(method, opt, scaler, progress)
         faults.point("checkpoint")
 
-    if device_model(device) not in progress.timed_on:   # a resume on other hardware: its wall time mixes the two
-        progress.timed_on.append(device_model(device))
+    hardware = device_model(device)
+    if hardware not in progress.timed_on:   # a resume on other hardware: its wall time mixes the two
+        progress.timed_on.append(hardware)
     live = LiveLog(root / layout.live(run), progress.step, enabled=dist.is_main())   # DVCLive's layout, as it trains
     if monitor is not None and progress.step == 0 and progress.knn_init is None:
         progress.knn_init = monitor_knn(0)
