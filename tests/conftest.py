@@ -1,5 +1,7 @@
-"""Shared fixtures: a tiny synthetic ImageFolder, its shards, a tiny params mapping, and one `dvc repro` of the
-tiny profile per session (the end-to-end and remote tests work on copies of it)."""
+"""Shared fixtures: a tiny synthetic ImageFolder, its shards, a tiny params mapping, one `dvc repro` of the tiny
+profile per session (the end-to-end tests work on copies of it) and one of a small two-run project (the experiment
+and remote tests work on copies of that). Each `dvc repro` is an xdist group of its own, so under `-n 2` the two
+run on different workers (the largest groups are scheduled first)."""
 from __future__ import annotations
 
 import os
@@ -120,8 +122,7 @@ def tiny_repro(tmp_path_factory) -> Path:
     dataset.root stays the profile's relative path: the real CIFAR-10 JPEGs, or where they are absent a synthetic
     10-class ImageFolder in their place (tests/test_pipeline_e2e.py skips then; tests/test_remote.py does not need them).
 
-    Shared by tests/test_pipeline_e2e.py and tests/test_remote.py and changed by neither: each works on its own copy
-    (`copy_repro`), so neither sees the other's edits, commits or experiments, in any order."""
+    tests/test_pipeline_e2e.py works on its own copy (`copy_repro`)."""
     top = tmp_path_factory.mktemp("tiny-repro")
     dst = copy_project(top / "proj")
     (top / "shared").mkdir()
@@ -135,8 +136,34 @@ def tiny_repro(tmp_path_factory) -> Path:
     return dst
 
 
+SMALL_PROFILE = """\
+extends: tiny
+keep_runs: [simclr, random-resnet18_w8]   # the whole DAG (shard, mine, pretrain, features, evaluate, report), small
+dataset: {{root: {root}}}
+shard: {{max_images: 60, samples_per_shard: 30}}
+train: {{batch_size: 32}}
+mine: {{encoder_run: random-resnet18_w8, layer: backbone}}
+seeds: {{runs: []}}
+"""
+
+
+@pytest.fixture(scope="session")
+def small_repro(tmp_path_factory) -> Path:
+    """`dvc repro` of a small project (profile `small`: two runs on a synthetic ImageFolder, every stage of the
+    DAG), once per session, in <top>/proj; the images lie in <top>/images (an absolute dataset.root, so clones
+    anywhere read them). Shared by tests/test_experiments.py and tests/test_remote.py, which each work on their own
+    copy (`copy_repro`), so neither sees the other's commits, experiments or remotes, in any order."""
+    top = tmp_path_factory.mktemp("small-repro")
+    images = make_imagefolder(top / "images", n_per_class=20)
+    dst = copy_project(top / "proj")
+    (dst / "profiles/small.yaml").write_text(SMALL_PROFILE.format(root=images))
+    sh("git init -q && git config user.email t@t && git config user.name t && python -m pipeline.profile small"
+       " && dvc repro -q", dst)
+    return dst
+
+
 def copy_repro(src: Path, top: Path) -> Path:
-    """A copy of the reproduced project `src` (tiny_repro) and what lies beside it (its import logs, the data link)
+    """A copy of the reproduced project `src` (tiny_repro, small_repro) and what lies beside it (its import logs, the data link)
     in the directory `top`: its workspace, git repository and DVC cache. Returns the copy's project directory."""
     shutil.copytree(src.parent, top, symlinks=True, dirs_exist_ok=True)
     return top / src.name

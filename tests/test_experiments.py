@@ -2,8 +2,8 @@
 the workspace under `dvc queue start`, and `dvc exp run --temp` in a temporary one; each shows its own metrics in
 `dvc exp show` and leaves the workspace as it was.
 
-A small project (two runs on a synthetic ImageFolder, every stage of the DAG) keeps this apart from the tiny
-profile's full DAG (tests/test_pipeline_e2e.py), so the two can run side by side under pytest-xdist."""
+A small project (conftest.small_repro: two runs on a synthetic ImageFolder, every stage of the DAG) keeps this apart
+from the tiny profile's full DAG (tests/test_pipeline_e2e.py), so the two can run side by side under pytest-xdist."""
 from __future__ import annotations
 
 import json
@@ -11,28 +11,19 @@ import time
 
 import pytest
 
-from tests.conftest import copy_project, make_imagefolder, sh
+from tests.conftest import copy_repro, sh
 
-PROFILE = """\
-extends: tiny
-keep_runs: [simclr, random-resnet18_w8]   # the whole DAG (shard, mine, pretrain, features, evaluate, report), small
-dataset: {{root: {root}}}
-shard: {{max_images: 60, samples_per_shard: 30}}
-train: {{batch_size: 32}}
-mine: {{encoder_run: random-resnet18_w8, layer: backbone}}
-seeds: {{runs: []}}
-"""
 METRICS = "reports/metrics/evaluate/simclr.json"
+# one pytest-xdist worker (--dist loadgroup) runs every user of the session's small `dvc repro`
+# (conftest.small_repro), so it is built once
+pytestmark = pytest.mark.xdist_group("small_repro")
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    top = tmp_path_factory.mktemp("experiments")
-    images = make_imagefolder(top / "images", n_per_class=20)
-    root = copy_project(top / "proj")
-    (root / "profiles/exp.yaml").write_text(PROFILE.format(root=images))
-    sh("git init -q && git config user.email t@t && git config user.name t && python -m pipeline.profile exp"
-       " && dvc repro -q && git add -A && git commit -qm baseline", root)
+def project(small_repro, tmp_path_factory):
+    """This module's copy of the small project, its pipeline run committed as the baseline."""
+    root = copy_repro(small_repro, tmp_path_factory.mktemp("experiments"))
+    sh("git add -A && git commit -qm baseline", root)
     return root
 
 
