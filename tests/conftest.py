@@ -120,7 +120,7 @@ def tiny_repro(tmp_path_factory) -> Path:
     """`dvc repro` of the tiny profile, once per session, in <top>/proj; <top>/imports holds each stage process's
     import log (SSLPIPE_IMPORT_LOG). The data lies beside the project as in a checkout (<top>/shared/datasets), so
     dataset.root stays the profile's relative path: the real CIFAR-10 JPEGs, or where they are absent a synthetic
-    10-class ImageFolder in their place (tests/test_pipeline_e2e.py skips then; tests/test_remote.py does not need them).
+    10-class ImageFolder in their place (tests/test_pipeline_e2e.py's CIFAR-only checks skip then).
 
     tests/test_pipeline_e2e.py works on its own copy (`copy_repro`)."""
     top = tmp_path_factory.mktemp("tiny-repro")
@@ -163,7 +163,8 @@ def small_repro(tmp_path_factory) -> Path:
 
 
 def copy_repro(src: Path, top: Path) -> Path:
-    """A copy of the reproduced project `src` (tiny_repro, small_repro) and what lies beside it (its import logs, the data link)
-    in the directory `top`: its workspace, git repository and DVC cache. Returns the copy's project directory."""
+    """A copy of the reproduced project `src` (tiny_repro, small_repro) and what lies beside it (its import logs, the
+    data link, the images) in the directory `top`: its workspace, git repository and DVC cache. Returns the copy's
+    project directory."""
     shutil.copytree(src.parent, top, symlinks=True, dirs_exist_ok=True)
     return top / src.name
