@@ -120,7 +120,7 @@ def tiny_repro(tmp_path_factory) -> Path:
     """`dvc repro` of the tiny profile, once per session, in <top>/proj; <top>/imports holds each stage process's
     import log (SSLPIPE_IMPORT_LOG). The data lies beside the project as in a checkout (<top>/shared/datasets), so
     dataset.root stays the profile's relative path: the real CIFAR-10 JPEGs, or where they are absent a synthetic
-    10-class ImageFolder in their place (tests/test_pipeline_e2e.py's CIFAR-only checks skip then).
+    10-class ImageFolder in their place (tests/test_pipeline_e2e.py skips then).
 
     tests/test_pipeline_e2e.py works on its own copy (`copy_repro`)."""
     top = tmp_path_factory.mktemp("tiny-repro")

@@ -60,7 +60,8 @@ def test_the_committed_artifacts_restore_the_encoders_in_a_fresh_clone(small_rep
     shutil.copytree(ROOT / "scripts", a / "scripts")
     sh("git add -A && git commit -qm init", a)
     out = sh("bash scripts/artifacts.sh push && git add artifacts && git commit -qm artifacts", a)
-    kept = {s for s in yaml.safe_load((a / "dvc.lock").read_text())["stages"] if s.startswith("pretrain.") or s == "mine"}
+    lock = yaml.safe_load((a / "dvc.lock").read_text())["stages"]
+    kept = {s for s in lock if s.startswith("pretrain.") or s == "mine"}
     assert kept == {"mine", "pretrain.simclr", "pretrain.random-resnet18_w8"} and f"pushed {len(kept)} stages" in out
 
     b = a.parent / "clone"    # beside the data link, as the checkout is
