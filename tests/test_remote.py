@@ -64,7 +64,7 @@ def test_the_committed_artifacts_restore_the_encoders_in_a_fresh_clone(small_rep
     kept = {s for s in lock if s.startswith("pretrain.") or s == "mine"}
     assert kept == {"mine", "pretrain.simclr", "pretrain.random-resnet18_w8"} and f"pushed {len(kept)} stages" in out
 
-    b = a.parent / "clone"    # beside the data link, as the checkout is
+    b = a.parent / "clone"    # beside clone a, as a second checkout would be
     sh(f"git clone -q {a} {b}", a.parent)
     assert not (b / "data/models").exists()
     sh("bash scripts/artifacts.sh pull", b)
