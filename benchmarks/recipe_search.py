@@ -37,8 +37,8 @@ The augmentation (crop scale x jitter strength) was searched in the first round 
 Settings go into each searched run's `overrides.train`, the top of the merge, so a method block's own value (e.g.
 GSSSL's lr) is replaced too; the init goes into the run's backbone block (the family's own copy where the family
 has one). The profile names each family's choice: a family whose init differs trains on its own backbone
-block. The table is written after every training; train_s is wall time as it ran (taken beside other work, across interruptions: not a throughput
-measurement).
+block. The table is written after every training; train_s is wall time as it ran (taken beside other work,
+across interruptions: not a throughput measurement).
 """
 from __future__ import annotations
 
