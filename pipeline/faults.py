@@ -63,8 +63,10 @@ def _term_self() -> None:
 
 
 def _kill_worker() -> None:
-    """SIGKILL the first live DataLoader worker and wait until it is a zombie (not reaped: PyTorch's SIGCHLD
-    handler must find it), so the death surfaces here, in the phase that was asked for."""
+    """SIGKILL the first live DataLoader worker and wait until it can be waited for, without reaping it
+    (PyTorch's SIGCHLD handler must find it), so the death surfaces here, in the phase that was asked for.
+    Its main thread is a zombie at once, but the process becomes waitable, and SIGCHLD is sent, only when its
+    other threads have exited: at the worker's low priority on a loaded machine that can take a while."""
     import multiprocessing
 
     workers = [p for p in multiprocessing.active_children() if p.pid]
@@ -72,15 +74,16 @@ def _kill_worker() -> None:
         raise RuntimeError("SSLPIPE_FAULT: kill-worker, but this process has no loader worker (train.num_workers: 0?)")
     pid = workers[0].pid
     os.kill(pid, signal.SIGKILL)
-    for _ in range(500):
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
-                    break
-        except FileNotFoundError:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                break
+        except ChildProcessError:   # reaped already
             break
         time.sleep(0.01)
-    time.sleep(0.05)  # the SIGCHLD handler runs at the next bytecode boundary of the main thread
+    for _ in range(100):   # SIGCHLD is sent; its handler runs (and raises) at a bytecode boundary of the main thread
+        time.sleep(0.05)
 
 
 def _disk_full() -> None:

@@ -140,6 +140,52 @@ def test_a_killed_loader_worker_ends_the_run_in_one_line_and_the_rerun_resumes(t
     assert "resuming from" in resume_to_the_end(root, reference, capsys)
 
 
+class _Worker:
+    """A loader worker as `RunLoader` sees it: alive for its first `alive_checks` checks, then killed by SIGKILL."""
+
+    def __init__(self, alive_checks: int):
+        self.pid, self.checks, self.alive_checks = 4242, 0, alive_checks
+
+    def is_alive(self) -> bool:
+        self.checks += 1
+        return self.checks <= self.alive_checks
+
+    @property
+    def exitcode(self):
+        return None if self.checks <= self.alive_checks else -signal.SIGKILL
+
+    def join(self, timeout=None):
+        pass
+
+
+def a_run_loader(worker: _Worker):
+    from types import SimpleNamespace
+
+    from pipeline.data.loader import RunLoader
+
+    loader = RunLoader(None)
+    loader._it = SimpleNamespace(_workers=[worker])
+    return loader
+
+
+def test_a_batch_whose_worker_is_still_dying_waits_for_the_death_and_names_it():
+    # a killed worker's batch raises ConnectionResetError while the worker's other threads still exit (the
+    # process is not yet waitable): what a loaded CI machine showed as a raw traceback
+    worker = _Worker(alive_checks=5)
+    error = a_run_loader(worker).death(ConnectionResetError(104, "Connection reset by peer"))
+    assert str(error) == ("loader worker 0 (pid 4242) was killed by signal SIGKILL (out of memory? lower "
+                          "train.num_workers); rerun the stage to resume")
+    assert worker.checks == 6
+
+
+def test_a_connection_error_with_every_worker_alive_is_not_called_a_death(monkeypatch):
+    import pipeline.data.loader as loader
+
+    monkeypatch.setattr(loader, "WORKER_EXIT_WAIT_S", 0.2)
+    assert a_run_loader(_Worker(alive_checks=10**9)).death(ConnectionResetError(104, "reset")) is None
+    assert a_run_loader(_Worker(alive_checks=10**9)).death(RuntimeError("CUDA out of memory")) is None
+
+
 # --- the training process killed while writing -------------------------------------------------------------------
 
 def test_killed_while_writing_a_checkpoint_the_rerun_resumes_from_the_previous(tmp_path, shards, reference, capsys):

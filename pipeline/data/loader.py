@@ -23,8 +23,8 @@ positive pair.
 from __future__ import annotations
 
 import os
-
 import signal
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,6 +38,8 @@ from pipeline.data.shards import (TarIndex, image_of, index_of_key, pair_info, p
 from pipeline.data.views import View, ViewSpec
 from pipeline.errors import DataError
 from pipeline.utils import mix_seed as _mix
+
+WORKER_EXIT_WAIT_S = 30.0   # how long a ConnectionError from the loader waits for a dying worker to be seen dead
 
 
 @dataclass
@@ -234,15 +236,31 @@ class RunLoader:
         batch whose shared-memory handles the dead worker can no longer hand over raises ConnectionError);
         None when `e` is something else. The loader is shut down, so no later SIGCHLD raises it again."""
         reported = isinstance(e, RuntimeError) and "DataLoader worker" in str(e)
-        lost = isinstance(e, (ConnectionError, EOFError)) and any(
-            p.exitcode is not None for p in getattr(self._it, "_workers", []) if not p.is_alive())
-        if not (reported or lost):
+        if not (reported or isinstance(e, (ConnectionError, EOFError)) and self._a_worker_exits()):
             return None
         error = DataError(_worker_death(self._it))
         shutdown = getattr(self._it, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
         return error
+
+    def _a_worker_exits(self) -> bool:
+        """Whether a worker has exited, or does within WORKER_EXIT_WAIT_S. A killed worker's batch can raise
+        ConnectionError before the worker can be waited for: its main thread is a zombie at once, but the
+        process becomes waitable (and SIGCHLD is sent) only when its other threads (the queue feeder, the fd
+        sharer) have exited too, which at the workers' low priority on a loaded machine takes a while."""
+        deadline = time.monotonic() + WORKER_EXIT_WAIT_S
+        while True:
+            try:
+                if any(not p.is_alive() for p in getattr(self._it, "_workers", [])):
+                    return True
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+            except RuntimeError as r:   # PyTorch's SIGCHLD handler saw it first (and forgets it once raised)
+                if "DataLoader worker" in str(r):
+                    return True
+                raise
 
     def __iter__(self):
         it = self._it = iter(self.loader)
