@@ -71,6 +71,22 @@ def test_changed_run_override_is_not_resumed(tmp_path, shard_dir, capsys):
     assert "starting from scratch" in capsys.readouterr().out
 
 
+def saved_step(last):
+    """Step of the newest checkpoint on disk, -1 if none yet. A save rotates last.pt to prev.pt before renaming the
+    new file in, so for a moment (or for good, when killed there) only prev.pt exists; either may be rotated away
+    between finding it and opening it, which is retried."""
+    for _ in range(50):
+        for path in (last, last.with_name("prev.pt")):
+            try:
+                return torch.load(path, weights_only=False)["progress"]["step"]
+            except FileNotFoundError:
+                continue
+        if not last.parent.exists():
+            return -1
+        time.sleep(0.01)
+    return -1
+
+
 SCRIPT = """
 import sys, torch
 sys.path.insert(0, {root!r})
@@ -94,7 +110,7 @@ def test_killed_process_resumes_from_its_checkpoint(tmp_path, shard_dir):
     deadline = time.time() + 900
     reached = False
     while time.time() < deadline and proc.poll() is None:
-        if ck.exists() and torch.load(ck, weights_only=False)["progress"]["step"] >= 10:
+        if saved_step(ck) >= 10:
             reached = True
             break
         time.sleep(0.2)
@@ -105,7 +121,7 @@ def test_killed_process_resumes_from_its_checkpoint(tmp_path, shard_dir):
         raise AssertionError("the training subprocess wrote no step-10 checkpoint within 900 s")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = torch.load(ck, weights_only=False)["progress"]["step"]
+    killed_at = saved_step(ck)
     assert 10 <= killed_at < 3 * epochs
     assert not (proj / "data/models/mocov2/encoder.safetensors").exists()  # no artifact that looks complete
     summary = train(params(epochs), "mocov2", root=proj)
